@@ -1,0 +1,96 @@
+"""Put PEFT LoRA/DoRA layers on a model's target `nn.Linear` modules, then attach the chosen method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from opdiff.config import AdapterConfig
+from opdiff.methods import METHODS
+
+ADAPTER_NAME = "default"
+
+
+@dataclass(frozen=True)
+class AdaptedLayer:
+    """One PEFT LoRA layer and the tensors a method may reparameterize."""
+
+    name: str
+    """Module path in the model, e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`."""
+    layer: LoraLayer
+
+    @property
+    def lora_A(self) -> nn.Linear:  # weight (r, d_in)
+        return self.layer.lora_A[ADAPTER_NAME]
+
+    @property
+    def lora_B(self) -> nn.Linear:  # weight (d_out, r)
+        return self.layer.lora_B[ADAPTER_NAME]
+
+    @property
+    def magnitude(self) -> nn.Module | None:  # DoRA only: weight (d_out,)
+        mags = self.layer.lora_magnitude_vector
+        return mags[ADAPTER_NAME] if ADAPTER_NAME in mags else None
+
+    @property
+    def kind(self) -> str:
+        """The target suffix this layer matched (`to_q`, `to_out.0`, ...): the selection group of lora-over.txt Sec. 4.3."""
+        return self.layer.opdiff_kind
+
+
+def adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
+    """Return the model's PEFT LoRA layers in module order."""
+    return [AdaptedLayer(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Adapt every `nn.Linear` whose name ends with one of `config.target_modules`, in place.
+
+    Freezes every base parameter, adds PEFT LoRA (or DoRA) layers with scaling alpha / rank, and attaches the
+    method's reparameterization. At this point the model's output equals the base model's (B = 0).
+    Returns the model.
+    """
+    if getattr(model, "opdiff_config", None) is not None:
+        raise ValueError("this model already carries an opdiff adapter; collapse/export it or load a fresh base")
+    method = METHODS[config.method]
+    lora_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        target_modules=list(config.target_modules),
+        use_dora=method.use_dora,
+        lora_dropout=0.0,
+        init_lora_weights=True,  # PEFT's init: A kaiming-uniform, B zero
+    )
+    model.requires_grad_(False)
+    try:
+        inject_adapter_in_model(lora_config, model, adapter_name=ADAPTER_NAME)
+    except ValueError as e:  # PEFT says "Target modules ... not found"; name ours and the setting to change
+        raise ValueError(f"no module matches target_modules={list(config.target_modules)}: {e}") from e
+    layers = adapted_layers(model)
+    for a in layers:
+        a.layer.opdiff_kind = next(t for t in config.target_modules if a.name == t or a.name.endswith("." + t))
+    model.opdiff = nn.ModuleDict()  # training-only state shared across layers (e.g. OP generators); collapse drops it
+    method.attach(model, layers, config)
+    model.opdiff_config = config
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Return every parameter the optimizer should update (adapter parameters only; the base stays frozen)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def param_groups(model: nn.Module, lr: float) -> list[dict]:
+    """Return optimizer parameter groups: MPO/SVD cores at `config.mpo_lr` (lora-over.txt Tables 4, 6), the rest at `lr`."""
+    config: AdapterConfig = model.opdiff_config
+    core_ids = {id(p) for m in model.modules() if getattr(m, "is_mpo", False) for p in m.parameters()}
+    params = trainable_parameters(model)
+    cores = [p for p in params if id(p) in core_ids]
+    rest = [p for p in params if id(p) not in core_ids]
+    groups = [{"params": rest, "lr": lr, "name": "adapter"}] if rest else []
+    if cores:
+        groups.append({"params": cores, "lr": config.mpo_lr if config.mpo_lr is not None else lr, "name": "mpo"})
+    return groups

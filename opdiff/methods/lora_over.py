@@ -1,0 +1,69 @@
+"""LoRA-Over (lora-over.txt Sec. 4.2): every LoRA matrix A (r x d_in) and B (d_out x r) trained as MPO cores.
+
+    MPO(W) = T(1)[d0, i1, j1, d1] x ... x T(m)[d_{m-1}, i_m, j_m, d_m]          (lora-over.txt Eq. 3)
+
+The factorization of each matrix is computed from its shape: the first and last cores carry the real factors of
+I and J, middle cores have physical dims 1, bonds follow Eq. 4 (Tables 5 and 7). `lora-over-svd` is the m = 2 case.
+Contracting the cores gives back the plain matrix, so the adapter ships as an ordinary LoRA.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from opdiff import mpo
+from opdiff.methods import Method, register
+from opdiff.reparam import reparameterize
+
+if TYPE_CHECKING:
+    from opdiff.config import AdapterConfig
+    from opdiff.inject import AdaptedLayer
+
+
+class MPOWeight(nn.Module):
+    """Parametrization: the matrix is the contraction of its trainable MPO cores."""
+
+    is_mpo = True  # marks the cores for the `mpo_lr` optimizer group
+
+    def __init__(self, cores: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.cores = nn.ParameterList([nn.Parameter(c) for c in cores])  # each (d_{k-1}, i_k, j_k, d_k)
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return mpo.contract(list(self.cores))
+
+
+def to_mpo(linear: nn.Linear, n_cores: int) -> MPOWeight:
+    """Turn `linear.weight` into MPO cores without changing its value, in place; return the parametrization.
+
+    A matrix that is exactly zero (LoRA's B at init) is not decomposed: an MPO of zero has zero cores whose
+    gradients all vanish, so it would never train. Instead a random matrix is decomposed and its last core zeroed:
+    the product is still exactly zero, but the zeroed core gets a gradient at once and the others after one step.
+    """
+    w = linear.weight.detach()  # (I, J)
+    i_factors = mpo.factorize(w.shape[0], n_cores)
+    j_factors = mpo.factorize(w.shape[1], n_cores)
+    if torch.count_nonzero(w) == 0:
+        cores = mpo.zero_product_cores(i_factors, j_factors)
+    else:
+        cores = mpo.decompose(w, i_factors, j_factors)
+    function = MPOWeight([c.to(device=w.device, dtype=w.dtype) for c in cores])
+    reparameterize(linear, "weight", function)
+    return function
+
+
+def _attach_all(n_cores_of) -> callable:
+    def attach(model: nn.Module, layers: list[AdaptedLayer], config: AdapterConfig) -> None:
+        for a in layers:
+            to_mpo(a.lora_A, n_cores_of(config))
+            to_mpo(a.lora_B, n_cores_of(config))
+    return attach
+
+
+register(Method("lora-over-svd", use_dora=False, attach=_attach_all(lambda c: 2),
+                summary="LoRA-Over-SVD: every A and B trained as 2 SVD cores; ships as plain LoRA."))
+register(Method("lora-over-mpo", use_dora=False, attach=_attach_all(lambda c: c.mpo_cores),
+                summary="LoRA-Over-MPO: every A and B trained as an m-core MPO; ships as plain LoRA."))

@@ -1,0 +1,168 @@
+"""Every method on a small MLP: step 0 equals the base, exact collapse, gradients reach every parameter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+import opdiff
+
+METHODS = list(opdiff.METHODS)
+
+
+class TinyAttention(nn.Module):
+    """A module tree with the SDXL projection names, shaped like attention projections of two widths."""
+
+    def __init__(self, d: int, d_ctx: int) -> None:
+        super().__init__()
+        self.to_q = nn.Linear(d, d, bias=False)
+        self.to_k = nn.Linear(d_ctx, d, bias=False)
+        self.to_v = nn.Linear(d_ctx, d, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(d, d), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)  # (B, T, d), (B, S, d)
+        att = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)  # (B, T, S)
+        return self.to_out(att @ v)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([TinyAttention(12, 10), TinyAttention(12, 10), TinyAttention(20, 10)])
+        self.proj = nn.Linear(12, 20)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        x = x + self.blocks[0](x, ctx)
+        x = x + self.blocks[1](x, ctx)
+        x = self.proj(x)
+        return x + self.blocks[2](x, ctx)
+
+
+def make(method: str, **kw) -> tuple[TinyNet, TinyNet]:
+    """Return (base, adapted) with identical base weights."""
+    torch.manual_seed(0)
+    base = TinyNet()
+    adapted = TinyNet()
+    adapted.load_state_dict(base.state_dict())
+    opdiff.inject(adapted, opdiff.AdapterConfig(method=method, rank=4, alpha=kw.pop("alpha", 4.0), mpo_cores=3, **kw))
+    return base, adapted
+
+
+def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 5, 12, generator=g), torch.randn(3, 7, 10, generator=g), torch.randn(3, 5, 20, generator=g)
+
+
+def train(model: nn.Module, steps: int, lr: float = 1e-2) -> list[dict[str, torch.Tensor]]:
+    """Train a few AdamW steps; return each step's gradients by parameter name."""
+    opt = torch.optim.AdamW(opdiff.param_groups(model, lr=lr))
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = []
+    for step in range(steps):
+        x, ctx, y = batch(step)
+        with opdiff.materialize(model):
+            loss = torch.nn.functional.mse_loss(model(x, ctx), y)
+            loss.backward()
+        grads.append({n: p.grad.detach().clone() for n, p in named.items()})
+        opt.step()
+        opt.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_step0_equals_base(method):
+    base, adapted = make(method)
+    x, ctx, _ = batch()
+    with torch.no_grad(), opdiff.materialize(adapted):
+        diff = (adapted(x, ctx) - base(x, ctx)).abs().max().item()
+    assert diff < 1e-6
+    # Outside `materialize` the functions are evaluated on every access: same value.
+    with torch.no_grad():
+        assert (adapted(x, ctx) - base(x, ctx)).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_trainable_parameter_gets_a_gradient_within_3_steps(method):
+    _, adapted = make(method)
+    grads = train(adapted, steps=3)
+    assert grads[0], "no trainable parameters"
+    silent = [n for n in grads[0] if all(torch.count_nonzero(g[n]) == 0 for g in grads)]
+    assert not silent, f"parameters that never received a gradient: {silent}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_collapse_is_exact_and_leaves_only_peft_tensors(method):
+    base, adapted = make(method, alpha=8.0)  # alpha != rank: the scale must survive collapse
+    train(adapted, steps=4)
+    x, ctx, _ = batch(7)
+    with torch.no_grad(), opdiff.materialize(adapted):
+        before = adapted(x, ctx)
+    assert (before - base(x, ctx)).abs().max() > 1e-4, "training did not change the model"
+    opdiff.collapse(adapted)
+    with torch.no_grad():
+        after = adapted(x, ctx)
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+    keys = list(adapted.state_dict())
+    assert not [k for k in keys if "parametrizations" in k or k.startswith("opdiff.")]
+    trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    want = ("lora_A.default.weight", "lora_B.default.weight", "lora_magnitude_vector.default.weight")
+    assert trainable and all(n.endswith(want) for n in trainable), trainable
+    dora = opdiff.METHODS[method].use_dora
+    assert any("lora_magnitude_vector" in n for n in trainable) == dora
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_base_weights_are_frozen_and_unchanged(method):
+    base, adapted = make(method)
+    train(adapted, steps=2)
+    adapted_base = {n: p for n, p in adapted.named_parameters() if "lora_" not in n and "opdiff." not in n}
+    assert adapted_base
+    for name, p in adapted_base.items():
+        assert not p.requires_grad or "parametrizations" in name, name
+    for name, p in base.named_parameters():
+        peft_name = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        target = adapted.get_submodule(name.rsplit(".", 1)[0])
+        tensor = getattr(target.base_layer if isinstance(target, LoraLayer) else target, name.rsplit(".", 1)[1])
+        assert torch.equal(tensor, p), peft_name
+
+
+def test_targets_and_groups():
+    _, adapted = make("lora-over-mpo", mpo_lr=5e-3)
+    layers = opdiff.adapted_layers(adapted)
+    assert len(layers) == 12
+    assert sorted({a.kind for a in layers}) == ["to_k", "to_out.0", "to_q", "to_v"]
+    groups = {g["name"]: g for g in opdiff.param_groups(adapted, lr=1e-3)}
+    assert set(groups) == {"mpo"} and groups["mpo"]["lr"] == 5e-3
+
+
+def test_op_lora_generates_once_per_step_in_one_batch_per_shape():
+    _, adapted = make("op-lora")
+    generators = list(adapted.opdiff.values())
+    # shapes: (12 -> 12) q/out in blocks 0-1, (10 -> 12) k/v in blocks 0-1, (20 -> 20), (10 -> 20): 4 classes
+    assert len(generators) == 4
+    calls = []
+    for g in generators:
+        original = g.compute
+        g.compute = lambda original=original: calls.append(1) or original()
+    x, ctx, _ = batch()
+    with opdiff.materialize(adapted):
+        adapted(x, ctx)
+        adapted(x, ctx)
+    assert len(calls) == 4
+
+
+def test_errors_name_the_bad_setting():
+    with pytest.raises(ValueError, match="unknown method 'op-lorax'"):
+        opdiff.AdapterConfig(method="op-lorax")
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        opdiff.AdapterConfig(rank=0)
+    with pytest.raises(ValueError, match="unknown adapter setting"):
+        opdiff.AdapterConfig.from_dict({"method": "lora", "rnak": 4})
+    with pytest.raises(ValueError, match="no module matches target_modules"):
+        opdiff.inject(TinyNet(), opdiff.AdapterConfig(target_modules=("nothing_here",)))
+    _, adapted = make("lora")
+    with pytest.raises(ValueError, match="already carries an opdiff adapter"):
+        opdiff.inject(adapted, opdiff.AdapterConfig())
