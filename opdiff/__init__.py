@@ -6,13 +6,16 @@
     with materialize(model):                   # A, B generated once for this step
         loss = ...; loss.backward()
     opt.step()
+    # lora-over-mpop/-mpor only: selector(model).observe(model) after backward, .step(...) after opt.step()
     collapse(model)                            # plain PEFT LoRA/DoRA weights, nothing else
 """
 
 from opdiff.config import DEFAULT_TARGETS, AdapterConfig
 from opdiff.inject import ADAPTER_NAME, adapted_layers, inject, param_groups, trainable_parameters
 from opdiff.methods import METHODS
+from opdiff.methods.lora_over_select import selector
 from opdiff.reparam import collapse, materialize
+from opdiff.state import load_training_state_dict, training_state_dict
 
 __all__ = [
     "ADAPTER_NAME",
@@ -22,8 +25,11 @@ __all__ = [
     "adapted_layers",
     "collapse",
     "inject",
+    "load_training_state_dict",
     "materialize",
     "param_groups",
+    "selector",
     "trainable_parameters",
+    "training_state_dict",
 ]
 __version__ = "0.1.0"

@@ -83,14 +83,22 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def param_groups(model: nn.Module, lr: float) -> list[dict]:
-    """Return optimizer parameter groups: MPO/SVD cores at `config.mpo_lr` (lora-over.txt Tables 4, 6), the rest at `lr`."""
-    config: AdapterConfig = model.opdiff_config
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Return (adapter parameters, MPO/SVD cores), each in module order: the order optimizer state is saved in."""
     core_ids = {id(p) for m in model.modules() if getattr(m, "is_mpo", False) for p in m.parameters()}
     params = trainable_parameters(model)
-    cores = [p for p in params if id(p) in core_ids]
-    rest = [p for p in params if id(p) not in core_ids]
+    return [p for p in params if id(p) not in core_ids], [p for p in params if id(p) in core_ids]
+
+
+def param_groups(model: nn.Module, lr: float) -> list[dict]:
+    """Return optimizer parameter groups: "adapter" at `lr` and "mpo" (MPO/SVD cores) at `config.mpo_lr`.
+
+    lora-over.txt Tables 4 and 6 give the cores their own learning rate (MPO_LR). Methods that convert matrices
+    while training (MPOP/MPOR) get an "mpo" group from the start, empty until the first conversion.
+    """
+    config: AdapterConfig = model.opdiff_config
+    rest, cores = split_parameters(model)
     groups = [{"params": rest, "lr": lr, "name": "adapter"}] if rest else []
-    if cores:
+    if cores or "select" in model.opdiff:
         groups.append({"params": cores, "lr": config.mpo_lr if config.mpo_lr is not None else lr, "name": "mpo"})
     return groups

@@ -43,4 +43,4 @@ def register(method: Method) -> Method:
 
 
 # Registration happens on import; the order here is the order users see.
-from opdiff.methods import lora, op, lora_over  # noqa: E402, F401, I001
+from opdiff.methods import lora, op, lora_over, lora_over_select  # noqa: E402, F401, I001

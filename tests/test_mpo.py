@@ -1,0 +1,302 @@
+"""MPO decomposition (opdiff/mpo.py) against lora-over.txt Eq. 3-6, Alg. 1, Eq. 11 and Tables 5 and 7."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from opdiff import mpo
+
+ONES_14 = (1,) * 14
+ONES_7 = (1,) * 7
+
+
+def _rand(rows: int, cols: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g, dtype=dtype)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _unfolding(w: torch.Tensor, i_f, j_f, k: int) -> torch.Tensor:
+    """W's k-th unfolding (prod_{p<=k} i_p j_p, prod_{p>k} i_p j_p), built independently of opdiff.mpo."""
+    m = len(i_f)
+    t = w.double().reshape(*i_f, *j_f).permute([a for p in range(m) for a in (p, m + p)])
+    return t.reshape(math.prod(i_f[:k]) * math.prod(j_f[:k]), -1)
+
+
+# (rows, cols, i_factors, j_factors): SDXL r=4 LoRA matrices, A (4, d_in) and B (d_out, 4), factored evenly.
+SDXL_CASES = [
+    (rows, cols, mpo.factorize(rows, m), mpo.factorize(cols, m))
+    for d in (320, 640, 1280, 2048)
+    for rows, cols in ((4, d), (d, 4))
+    for m in (2, 3, 5)
+]
+# lora-over.txt Table 7 (Llama 2-7B, r = 8): SVD = 2 cores, MPO = 9 cores, with the paper's factors.
+LLAMA_CASES = [
+    (4096, 8, (64, 64), (2, 4)),
+    (8, 4096, (2, 4), (64, 64)),
+    (11008, 8, (86, 128), (2, 4)),
+    (4096, 8, (64, *ONES_7, 64), (2, *ONES_7, 4)),
+    (8, 4096, (2, *ONES_7, 4), (64, *ONES_7, 64)),
+    (11008, 8, (86, *ONES_7, 128), (2, *ONES_7, 4)),
+]
+CASES = SDXL_CASES + LLAMA_CASES
+CASE_IDS = [f"{r}x{c}-m{len(i)}" for r, c, i, _ in CASES]
+# A chain whose middle core has real physical dimensions: sizes i_k j_k = 8, 8, 16, bonds [1, 8, 16, 1].
+I3, J3 = (4, 2, 4), (2, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "expected"),
+    [
+        # Table 5 (T5-Base, 16 cores)
+        (768, 16, (24, *ONES_14, 32)),
+        (3072, 16, (48, *ONES_14, 64)),
+        (8, 16, (2, *ONES_14, 4)),
+        # Table 7 (Llama 2-7B: 2 and 9 cores; Llama 3.1-8B: 2, 8 and 10 cores)
+        (4096, 2, (64, 64)),
+        (8, 2, (2, 4)),
+        (11008, 2, (86, 128)),
+        (1024, 2, (32, 32)),
+        (14336, 2, (112, 128)),
+        (4096, 9, (64, *ONES_7, 64)),
+        (11008, 9, (86, *ONES_7, 128)),
+        (8, 9, (2, *ONES_7, 4)),
+        (4096, 10, (64, *(1,) * 8, 64)),
+        (4096, 8, (64, *(1,) * 6, 64)),
+        # SDXL dimensions, a prime, and 1
+        (320, 5, (16, 1, 1, 1, 20)),
+        (640, 3, (20, 1, 32)),
+        (1280, 2, (32, 40)),
+        (2048, 2, (32, 64)),
+        (4, 3, (2, 1, 2)),
+        (13, 3, (1, 1, 13)),
+        (1, 2, (1, 1)),
+    ],
+)
+def test_factorize_reproduces_paper_tables(n, m, expected):
+    assert mpo.factorize(n, m) == expected
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "match"), [(8, 1, "m >= 2"), (0, 2, "positive integer"), (8.0, 2, "n=8.0")]
+)
+def test_factorize_rejects_bad_arguments(n, m, match):
+    with pytest.raises(ValueError, match=match):
+        mpo.factorize(n, m)
+
+
+def test_bond_dims_match_eq4_by_hand():
+    # prod_{p<=k} i_p j_p = 8, 64; prod_{p>k} = 128, 16  ->  d_1 = min(8, 128), d_2 = min(64, 16)
+    assert mpo.bond_dims(I3, J3) == [1, 8, 16, 1]
+    assert mpo.bond_dims(I3, J3, max_bond=10) == [1, 8, 10, 1]
+    # Table 7 MPO of (4096, 8): 64 * 2 on the left, 64 * 4 on the right, every middle bond is 128.
+    assert mpo.bond_dims((64, *ONES_7, 64), (2, *ONES_7, 4)) == [1] + [128] * 8 + [1]
+
+
+@pytest.mark.parametrize(("rows", "cols", "i_f", "j_f"), CASES, ids=CASE_IDS)
+def test_bond_dims_are_one_at_both_ends(rows, cols, i_f, j_f):
+    dims = mpo.bond_dims(i_f, j_f)
+    assert len(dims) == len(i_f) + 1
+    assert dims[0] == dims[-1] == 1
+
+
+def test_n_add_matches_eq6_by_hand():
+    # sum_k i_k j_k d_{k-1} d_k = 8*1*8 + 8*8*16 + 16*16*1 = 1344;  prod_k i_k j_k = 1024
+    assert mpo.n_add(I3, J3) == 320
+    # Table 7 SVD of (4096, 8): 128*128 + 256*128 - 4096*8
+    assert mpo.n_add((64, 64), (2, 4)) == 16384
+
+
+@pytest.mark.parametrize(("rows", "cols", "i_f", "j_f"), CASES, ids=CASE_IDS)
+def test_decompose_contract_roundtrip(rows, cols, i_f, j_f):
+    w = _rand(rows, cols, seed=rows + cols)
+    cores = mpo.decompose(w, i_f, j_f)
+    dims = mpo.bond_dims(i_f, j_f)
+    assert [tuple(c.shape) for c in cores] == [
+        (dims[k], i_f[k], j_f[k], dims[k + 1]) for k in range(len(i_f))
+    ]
+    assert all(c.dtype == torch.float32 for c in cores)
+    out = mpo.contract(cores)
+    assert out.shape == (rows, cols) and out.dtype == torch.float32
+    assert _rel_err(out, w) < 1e-5
+    # Eq. 6 is the real parameter count the cores add over the matrix.
+    assert sum(c.numel() for c in cores) - rows * cols == mpo.n_add(i_f, j_f)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_decompose_keeps_dtype(dtype):
+    w = _rand(32, 32, seed=1, dtype=dtype)
+    cores = mpo.decompose(w, I3, J3)
+    assert all(c.dtype == dtype for c in cores)
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    assert _rel_err(mpo.contract(cores), w) < tol
+
+
+@pytest.mark.parametrize(("i_f", "j_f"), [(I3, J3), ((4, 2), (2, 16)), ((2, 1, 1, 16), (16, 1, 1, 2))])
+def test_cores_are_in_the_symmetric_gauge(i_f, j_f):
+    """At every bond k: left product X_k and right product Y_k have X^T X = Y Y^T = diag(singular values)."""
+    w = _rand(math.prod(i_f), math.prod(j_f), seed=2, dtype=torch.float64)
+    cores = mpo.decompose(w, i_f, j_f)
+    for k in range(1, len(cores)):
+        x = cores[0].reshape(-1, cores[0].shape[-1])
+        for c in cores[1:k]:
+            x = (x @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])  # (prod_{p<=k} i_p j_p, d_k)
+        y = cores[-1].reshape(cores[-1].shape[0], -1)
+        for c in reversed(cores[k:-1]):
+            y = (c.reshape(-1, c.shape[-1]) @ y).reshape(c.shape[0], -1)  # (d_k, prod_{p>k} i_p j_p)
+        sv = torch.linalg.svdvals(_unfolding(w, i_f, j_f, k))[: x.shape[1]]
+        torch.testing.assert_close(x.T @ x, torch.diag(sv), atol=1e-10, rtol=0)
+        torch.testing.assert_close(y @ y.T, torch.diag(sv), atol=1e-10, rtol=0)
+
+
+def _rank_two(g: torch.Generator) -> torch.Tensor:
+    return torch.randn(64, 2, generator=g) @ torch.randn(2, 64, generator=g)  # rank 2, bonds of 16
+
+
+def _one_block(g: torch.Generator) -> torch.Tensor:
+    w = torch.zeros(64, 64)
+    w[:8, :8] = torch.randn(8, 8, generator=g)  # exactly zero singular values on every bond
+    return w
+
+
+@pytest.mark.parametrize("make", [_rank_two, _one_block])
+def test_rank_deficient_matrix_reconstructs(make):
+    """Bond channels with zero singular values must not blow up (no division by a zero singular value)."""
+    w = make(torch.Generator().manual_seed(3))
+    cores = mpo.decompose(w, (4, 4, 4), (4, 4, 4))
+    assert all(torch.isfinite(c).all() for c in cores)
+    assert _rel_err(mpo.contract(cores), w) < 1e-5
+
+
+@pytest.mark.parametrize(("i_f", "j_f", "max_bond"), [(I3, J3, 6), (I3, J3, 12), ((8, 8), (8, 8), 16)])
+def test_truncation_obeys_eq11(i_f, j_f, max_bond):
+    w = _rand(math.prod(i_f), math.prod(j_f), seed=4, dtype=torch.float64)
+    cores = mpo.decompose(w, i_f, j_f, max_bond=max_bond)
+    dims = mpo.bond_dims(i_f, j_f, max_bond)
+    assert [c.shape[-1] for c in cores] == dims[1:]
+    err = float((mpo.contract(cores) - w).norm())
+    # eps_k of Eq. 10: the best rank-d_k approximation error of the k-th unfolding.
+    eps = [
+        float(torch.linalg.svdvals(_unfolding(w, i_f, j_f, k))[dims[k] :].norm()) for k in range(1, len(i_f))
+    ]
+    bound = mpo.truncation_error_bound(w, i_f, j_f, max_bond)
+    assert bound == pytest.approx(math.sqrt(sum(e * e for e in eps)), rel=1e-12)
+    assert 0 < max(eps) <= err * (1 + 1e-9)  # the MPO's k-th unfolding has rank <= d_k: err >= eps_k
+    assert err <= bound * (1 + 1e-9)  # Eq. 11
+    if len(i_f) == 2:
+        assert err == pytest.approx(bound, rel=1e-9)  # one bond: truncated SVD is optimal (Eckart-Young)
+    # Truncation really removes parameters, and Eq. 6 with capped bonds counts them.
+    full = sum(c.numel() for c in mpo.decompose(w, i_f, j_f))
+    assert sum(c.numel() for c in cores) == mpo.n_add(i_f, j_f, max_bond) + w.numel() < full
+
+
+def test_untruncated_bound_is_zero_and_large_max_bond_is_exact():
+    w = _rand(32, 32, seed=5, dtype=torch.float64)
+    assert mpo.truncation_error_bound(w, I3, J3) < 1e-12
+    assert mpo.bond_dims(I3, J3, max_bond=1000) == mpo.bond_dims(I3, J3)
+    assert _rel_err(mpo.contract(mpo.decompose(w, I3, J3, max_bond=1000)), w) < 1e-12
+
+
+@pytest.mark.parametrize(("rows", "cols", "i_f", "j_f"), [CASES[0], CASES[2], CASES[5], LLAMA_CASES[3]])
+def test_gradients_reach_every_core(rows, cols, i_f, j_f):
+    cores = [c.requires_grad_() for c in mpo.decompose(_rand(rows, cols, seed=6), i_f, j_f)]
+    upstream = _rand(rows, cols, seed=7)
+    (mpo.contract(cores) * upstream).sum().backward()
+    for c in cores:
+        assert c.grad is not None and torch.isfinite(c.grad).all() and c.grad.abs().sum() > 0
+
+
+def test_contract_gradient_is_correct():
+    # sizes i_k j_k = 2, 4, 4 with bonds [1, 2, 4, 1]: 52 core entries keep the finite differences cheap.
+    i_f, j_f = (2, 2, 2), (1, 2, 2)
+    cores = [c.requires_grad_() for c in mpo.decompose(_rand(8, 4, seed=8, dtype=torch.float64), i_f, j_f)]
+    assert torch.autograd.gradcheck(lambda *cs: mpo.contract(list(cs)), cores)
+
+
+@pytest.mark.parametrize(("i_f", "j_f"), [((2, 2), (16, 20)), (I3, J3)])
+def test_zero_matrix_decomposes_to_isometry_then_zeros(i_f, j_f):
+    w = torch.zeros(math.prod(i_f), math.prod(j_f))
+    cores = [c.requires_grad_() for c in mpo.decompose(w, i_f, j_f)]
+    first = cores[0].detach().reshape(-1, cores[0].shape[-1])
+    torch.testing.assert_close(first.T @ first, torch.eye(first.shape[1]))
+    assert all(torch.count_nonzero(c) == 0 for c in cores[1:])
+    out = mpo.contract(cores)
+    assert torch.count_nonzero(out) == 0
+    (out * _rand(*w.shape, seed=9)).sum().backward()
+    live = [bool(c.grad.abs().sum() > 0) for c in cores]
+    # Two cores: the zero core still learns. Three or more: every gradient has a zero core in it.
+    assert live == ([False, True] if len(cores) == 2 else [False] * len(cores))
+
+
+@pytest.mark.parametrize(
+    ("i_f", "j_f"), [((64, 64), (2, 4)), (mpo.factorize(640, 5), mpo.factorize(4, 5)), (I3, J3)]
+)
+def test_zero_product_cores(i_f, j_f):
+    cores = [c.requires_grad_() for c in mpo.zero_product_cores(i_f, j_f, torch.Generator().manual_seed(10))]
+    dims = mpo.bond_dims(i_f, j_f)
+    assert [tuple(c.shape) for c in cores] == [
+        (dims[k], i_f[k], j_f[k], dims[k + 1]) for k in range(len(i_f))
+    ]
+    assert all(c.dtype == torch.float32 for c in cores)
+    assert torch.count_nonzero(cores[-1]) == 0 and all(torch.count_nonzero(c) > 0 for c in cores[:-1])
+    out = mpo.contract(cores)
+    assert torch.equal(out, torch.zeros(math.prod(i_f), math.prod(j_f)))
+    (out * _rand(*out.shape, seed=11)).sum().backward()
+    assert cores[-1].grad.abs().sum() > 0
+    # Seeded: the same generator seed gives the same cores.
+    again = mpo.zero_product_cores(i_f, j_f, torch.Generator().manual_seed(10))
+    assert all(torch.equal(a.detach(), b) for a, b in zip(cores, again, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("shape", "i_f", "j_f", "max_bond", "match"),
+    [
+        ((4, 320), (2, 4), (16, 20), None, r"prod\(i_factors\)=8 != rows=4 .*i_factors=\(2, 4\)"),
+        ((4, 320), (2, 2), (16, 21), None, r"prod\(j_factors\)=336 != cols=320 .*j_factors=\(16, 21\)"),
+        (
+            (4, 320),
+            (2, 2),
+            (16, 4, 5),
+            None,
+            r"i_factors=\(2, 2\) and j_factors=\(16, 4, 5\) must have the same",
+        ),
+        ((4, 320), (4,), (320,), None, r"at least 2 cores, got i_factors=\(4,\)"),
+        (
+            (4, 320),
+            (4, 1),
+            (0, 320),
+            None,
+            r"positive integers, got i_factors=\(4, 1\), j_factors=\(0, 320\)",
+        ),
+        ((4, 320), (2, 2), (16, 20), 0, "max_bond must be a positive integer"),
+        ((1280,), (2, 2), (16, 20), None, r"2-D matrix, got \(1280,\)"),
+    ],
+)
+def test_decompose_rejects_bad_factors(shape, i_f, j_f, max_bond, match):
+    with pytest.raises(ValueError, match=match):
+        mpo.decompose(torch.zeros(shape), i_f, j_f, max_bond)
+
+
+def test_decompose_rejects_integer_matrix():
+    with pytest.raises(ValueError, match="floating-point"):
+        mpo.decompose(torch.zeros(4, 4, dtype=torch.int64), (2, 2), (2, 2))
+
+
+@pytest.mark.parametrize(
+    ("shapes", "match"),
+    [
+        ([], "at least one"),
+        ([(1, 2, 2, 4), (3, 2, 2, 1)], "bond 1 does not match: core 0 ends with 4, core 1 starts with 3"),
+        ([(2, 2, 2, 4), (4, 2, 2, 1)], "outer bonds"),
+        ([(1, 2, 4), (4, 2, 2, 1)], "4-D"),
+    ],
+)
+def test_contract_rejects_bad_cores(shapes, match):
+    with pytest.raises(ValueError, match=match):
+        mpo.contract([torch.zeros(s) for s in shapes])
