@@ -46,7 +46,11 @@ def to_mpo(linear: nn.Linear, n_cores: int) -> MPOWeight:
     w = linear.weight.detach()  # (I, J)
     i_factors = mpo.factorize(w.shape[0], n_cores)
     j_factors = mpo.factorize(w.shape[1], n_cores)
-    if torch.count_nonzero(w) == 0:
+    if w.is_meta:  # shapes only (e.g. counting parameters of a full-size model built without weights)
+        d = mpo.bond_dims(i_factors, j_factors)
+        cores = [torch.empty(d[k], i, j, d[k + 1], device="meta")
+                 for k, (i, j) in enumerate(zip(i_factors, j_factors, strict=True))]
+    elif torch.count_nonzero(w) == 0:
         cores = mpo.zero_product_cores(i_factors, j_factors)
     else:
         cores = mpo.decompose(w, i_factors, j_factors)
