@@ -102,7 +102,7 @@ class Selector(nn.Module):
             free = [k for k in self._members(group) if self.chosen_step[k] < 0]
             free.sort(key=lambda k: (-float(self.scores[k]), k))  # ties broken by module order: deterministic
             for k in free[: min(per_round, room)]:
-                self._convert(model, k, optimizer)
+                self.convert(model, k, optimizer)
                 self.chosen_step[k], self.chosen_score[k] = step, self.scores[k]
                 chosen.append({"step": step, "group": group, "layer": self.layer_names[k // 2],
                                "matrix": MATRICES[k % 2], "score": float(self.scores[k])})
@@ -122,7 +122,8 @@ class Selector(nn.Module):
             w.copy_(saved)
         return scores
 
-    def _convert(self, model: nn.Module, k: int, optimizer: torch.optim.Optimizer | None) -> None:
+    def convert(self, model: nn.Module, k: int, optimizer: torch.optim.Optimizer | None) -> None:
+        """Turn matrix k into MPO cores now (value unchanged) and hand its cores to the optimizer's `mpo` group."""
         linear = self.matrix(model, k)
         old = linear.weight
         to_mpo(linear, self.config.mpo_cores)

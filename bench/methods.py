@@ -1,0 +1,119 @@
+"""Trainable parameters and step time per adapter method, as ratios to `lora`.
+
+1. Full-size SDXL U-Net (its config from assets/, built on the meta device: no weights, no memory): trainable
+   parameters per method, and the parameters each adds over plain A and B (for LoRA-Over this is N_add of
+   lora-over.txt Eq. 6 summed over every MPO matrix).
+2. The bundled tiny SDXL U-Net on this machine's CPU: time of one training step (forward + backward + AdamW at
+   64 px, batch 1) per method. Methods are timed in interleaved rounds so machine noise hits them alike; the
+   median per method is divided by lora's median from the same run.
+
+    python bench/methods.py [--steps 30] [--methods lora,op-lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+import opdiff
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SDXL_CONFIG = ASSETS / "sdxl-base-1.0-unet-config.json"
+TINY_UNET = ASSETS / "tiny-sdxl" / "unet"
+
+
+def select_all_n(model: torch.nn.Module) -> None:
+    """For MPOP/MPOR: convert the first N matrices per group, the state once selection has finished."""
+    sel = opdiff.selector(model)
+    if sel is None:
+        return
+    for group in sorted(set(sel.groups)):
+        for k in [k for k, g in enumerate(sel.groups) if g == group][: sel.config.select_top_n]:
+            sel.convert(model, k, None)
+            sel.chosen_step[k] = 0
+
+
+def count_full_size(methods: list[str]) -> list[dict]:
+    """Trainable parameters of each method on the full SDXL U-Net (meta device)."""
+    config = json.loads(SDXL_CONFIG.read_text())
+    rows = []
+    for method in methods:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+        opdiff.inject(unet, opdiff.AdapterConfig(method=method))
+        select_all_n(unet)
+        layers = opdiff.adapted_layers(unet)
+        plain = sum(a.lora_A.weight.numel() + a.lora_B.weight.numel() for a in layers)
+        trainable = sum(p.numel() for p in opdiff.trainable_parameters(unet))
+        rows.append({"method": method, "layers": len(layers), "trainable": trainable, "n_add": trainable - plain})
+    return rows
+
+
+def time_steps(methods: list[str], steps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per training step of each method on the bundled U-Net, interleaved round by round."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    runs = {}
+    for method in methods:
+        unet = UNet2DConditionModel.from_pretrained(TINY_UNET, torch_dtype=torch.float32)
+        opdiff.inject(unet, opdiff.AdapterConfig(method=method))
+        select_all_n(unet)
+        unet.train()
+        runs[method] = (unet, torch.optim.AdamW(opdiff.param_groups(unet, lr=1e-4)))
+    cfg = next(iter(runs.values()))[0].config
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    text = torch.randn(1, 77, cfg.cross_attention_dim, generator=g)
+    cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for i in range(warmup + steps):
+        for method, (unet, opt) in runs.items():
+            t0 = time.perf_counter()
+            with opdiff.materialize(unet):
+                out = unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=cond).sample
+                out.square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times[method].append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(opdiff.METHODS), help="comma-separated methods (default: all)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per method (default 30)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method first (default 3)")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    if "lora" not in methods:
+        methods.insert(0, "lora")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    print(f"Full-size SDXL U-Net ({SDXL_CONFIG.name}, meta device), r=4, alpha=4, targets to_q,to_k,to_v,to_out.0;"
+          f" MPO m={opdiff.AdapterConfig().mpo_cores}, MPOP/MPOR after selecting N={opdiff.AdapterConfig().select_top_n}"
+          " per group")
+    rows = count_full_size(methods)
+    lora_params = next(r["trainable"] for r in rows if r["method"] == "lora")
+    print(f"{'method':16} {'layers':>6} {'trainable':>13} {'x lora':>8} {'added (Eq. 6)':>14}")
+    for r in rows:
+        print(f"{r['method']:16} {r['layers']:6d} {r['trainable']:13,d} {r['trainable'] / lora_params:8.2f}"
+              f" {r['n_add']:14,d}")
+
+    print(f"\nBundled tiny SDXL U-Net, CPU ({torch.get_num_threads()} threads), 64 px, batch 1,"
+          f" median of {args.steps} steps after {args.warmup} warm-up, interleaved")
+    times = time_steps(methods, args.steps, args.warmup)
+    base = statistics.median(times["lora"])
+    print(f"{'method':16} {'s/step':>9} {'x lora':>8}")
+    for method in methods:
+        med = statistics.median(times[method])
+        print(f"{method:16} {med:9.4f} {med / base:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
