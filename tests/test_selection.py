@@ -88,7 +88,7 @@ def test_conversion_at_any_step_leaves_the_output_unchanged():
         with torch.no_grad(), opdiff.materialize(model):
             before = model(x, ctx)
         for k in (2 * step, 2 * step + 1):  # an A and a B, including B right after its first update
-            sel._convert(model, k, opt)
+            sel.convert(model, k, opt)
         with torch.no_grad(), opdiff.materialize(model):
             after = model(x, ctx)
         assert ((after - before).norm() / before.norm()).item() < 1e-5
