@@ -155,6 +155,29 @@ def contract(cores: Sequence[Tensor]) -> Tensor:
     return out.reshape(math.prod(i_f), math.prod(j_f))
 
 
+def contract_batched(cores: Sequence[Tensor]) -> Tensor:
+    """Return L matrices (L, prod i_k, prod j_k) from L stacked core chains, each core (L, d_{k-1}, i_k, j_k, d_k).
+
+    The same contraction as `contract`, one batched matmul per bond for all L matrices: this is what keeps
+    LoRA-Over's per-step cost independent of how many layers share a shape.
+    """
+    if not cores or any(c.ndim != 5 or c.shape[0] != cores[0].shape[0] for c in cores):
+        raise ValueError("contract_batched needs stacked cores shaped (L, d_{k-1}, i_k, j_k, d_k) with one L")
+    _check_cores([c[0] for c in cores])
+    n = cores[0].shape[0]
+    i_f = [c.shape[2] for c in cores]
+    j_f = [c.shape[3] for c in cores]
+    m = len(cores)
+    out = cores[0].reshape(n, -1, cores[0].shape[-1])  # (L, i_1 j_1, d_1)
+    for core in cores[1:]:
+        d_in, d_out = core.shape[1], core.shape[-1]
+        # (L, prod_{p<k} i_p j_p, d_{k-1}) @ (L, d_{k-1}, i_k j_k d_k) -> (L, prod_{p<=k} i_p j_p, d_k)
+        out = torch.bmm(out, core.reshape(n, d_in, -1)).reshape(n, -1, d_out)
+    interleaved = [f for pair in zip(i_f, j_f, strict=True) for f in pair]
+    out = out.reshape(n, *interleaved).permute(0, *range(1, 2 * m + 1, 2), *range(2, 2 * m + 1, 2))
+    return out.reshape(n, math.prod(i_f), math.prod(j_f))
+
+
 def truncation_error_bound(
     w: Tensor, i_factors: Sequence[int], j_factors: Sequence[int], max_bond: int | None = None
 ) -> float:

@@ -166,3 +166,19 @@ def test_errors_name_the_bad_setting():
     _, adapted = make("lora")
     with pytest.raises(ValueError, match="already carries an opdiff adapter"):
         opdiff.inject(adapted, opdiff.AdapterConfig())
+
+
+@pytest.mark.parametrize("method", ["lora-over-svd", "lora-over-mpo"])
+def test_lora_over_contracts_once_per_step_per_core_layout(method):
+    _, adapted = make(method)
+    banks = list(adapted.opdiff.values())
+    # A: (4 x 12), (4 x 10), (4 x 20); B: (12 x 4), (20 x 4): one bank per layout, every matrix in one
+    assert len(banks) == 5 and sum(len(b.members) for b in banks) == 24
+    calls = []
+    for b in banks:
+        b.compute = lambda original=b.compute: calls.append(1) or original()
+    x, ctx, _ = batch()
+    with opdiff.materialize(adapted):
+        adapted(x, ctx)
+        adapted(x, ctx)
+    assert len(calls) == 5

@@ -16,11 +16,29 @@ from torch import nn
 
 from opdiff import mpo
 from opdiff.methods import Method, register
-from opdiff.reparam import reparameterize
+from opdiff.reparam import StepCached, reparameterize
 
 if TYPE_CHECKING:
     from opdiff.config import AdapterConfig
     from opdiff.inject import AdaptedLayer
+
+
+class MPOBank(StepCached):
+    """Every MPO matrix of one core layout, contracted together: one batched matmul per bond per step.
+
+    Holds no parameters (each matrix's cores stay in its own `MPOWeight`, so checkpoints name them by layer);
+    matrices join when they are converted, also mid-run (MPOR).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.members: list[MPOWeight] = []
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Return {"W": (L, I, J)}: the contraction of every member's cores (Eq. 3)."""
+        n_cores = len(self.members[0].cores)
+        stacked = [torch.stack([w.cores[k] for w in self.members]) for k in range(n_cores)]  # (L, d, i, j, d')
+        return {"W": mpo.contract_batched(stacked)}
 
 
 class MPOWeight(nn.Module):
@@ -28,20 +46,28 @@ class MPOWeight(nn.Module):
 
     is_mpo = True  # marks the cores for the `mpo_lr` optimizer group
 
-    def __init__(self, cores: list[torch.Tensor]) -> None:
+    def __init__(self, cores: list[torch.Tensor], bank: MPOBank | None = None) -> None:
         super().__init__()
         self.cores = nn.ParameterList([nn.Parameter(c) for c in cores])  # each (d_{k-1}, i_k, j_k, d_k)
+        object.__setattr__(self, "bank", bank)  # not a submodule: the bank belongs to `model.opdiff`
+        self.index = -1
+        if bank is not None:
+            self.index = len(bank.members)
+            bank.members.append(self)
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
+        if self.bank is not None and self.bank._caching:  # inside `materialize`: the batched contraction
+            return self.bank.output()["W"][self.index]
         return mpo.contract(list(self.cores))
 
 
-def to_mpo(linear: nn.Linear, n_cores: int) -> MPOWeight:
+def to_mpo(linear: nn.Linear, n_cores: int, banks: nn.ModuleDict | None = None) -> MPOWeight:
     """Turn `linear.weight` into MPO cores without changing its value, in place; return the parametrization.
 
     A matrix that is exactly zero (LoRA's B at init) is not decomposed: an MPO of zero has zero cores whose
     gradients all vanish, so it would never train. Instead a random matrix is decomposed and its last core zeroed:
     the product is still exactly zero, but the zeroed core gets a gradient at once and the others after one step.
+    With `banks` (the model's `opdiff` dict) the matrix joins the bank of its core layout for batched contraction.
     """
     w = linear.weight.detach()  # (I, J)
     i_factors = mpo.factorize(w.shape[0], n_cores)
@@ -54,7 +80,13 @@ def to_mpo(linear: nn.Linear, n_cores: int) -> MPOWeight:
         cores = mpo.zero_product_cores(i_factors, j_factors)
     else:
         cores = mpo.decompose(w, i_factors, j_factors)
-    function = MPOWeight([c.to(device=w.device, dtype=w.dtype) for c in cores])
+    bank = None
+    if banks is not None:
+        key = "mpo_" + "_".join(f"{i}x{j}" for i, j in zip(i_factors, j_factors, strict=True))
+        if key not in banks:
+            banks[key] = MPOBank()
+        bank = banks[key]
+    function = MPOWeight([c.to(device=w.device, dtype=w.dtype) for c in cores], bank)
     reparameterize(linear, "weight", function)
     return function
 
@@ -62,8 +94,8 @@ def to_mpo(linear: nn.Linear, n_cores: int) -> MPOWeight:
 def _attach_all(n_cores_of) -> callable:
     def attach(model: nn.Module, layers: list[AdaptedLayer], config: AdapterConfig) -> None:
         for a in layers:
-            to_mpo(a.lora_A, n_cores_of(config))
-            to_mpo(a.lora_B, n_cores_of(config))
+            to_mpo(a.lora_A, n_cores_of(config), model.opdiff)
+            to_mpo(a.lora_B, n_cores_of(config), model.opdiff)
     return attach
 
 

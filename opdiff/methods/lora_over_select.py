@@ -126,7 +126,7 @@ class Selector(nn.Module):
         """Turn matrix k into MPO cores now (value unchanged) and hand its cores to the optimizer's `mpo` group."""
         linear = self.matrix(model, k)
         old = linear.weight
-        to_mpo(linear, self.config.mpo_cores)
+        to_mpo(linear, self.config.mpo_cores, model.opdiff)
         if optimizer is not None:
             sync_optimizer(model, optimizer, old)
 
@@ -134,7 +134,7 @@ class Selector(nn.Module):
         """Re-create the MPO structure of the chosen matrices (before loading a checkpoint's cores)."""
         for k in range(len(self.groups)):
             if self.chosen_step[k] >= 0 and not hasattr(self.matrix(model, k), "parametrizations"):
-                to_mpo(self.matrix(model, k), self.config.mpo_cores)
+                to_mpo(self.matrix(model, k), self.config.mpo_cores, model.opdiff)
 
     def log(self) -> list[dict]:
         """Every chosen matrix with its step and score, in the order they were chosen."""
