@@ -11,7 +11,7 @@
 """
 
 from opdiff.config import DEFAULT_TARGETS, AdapterConfig
-from opdiff.inject import ADAPTER_NAME, adapted_layers, inject, param_groups, trainable_parameters
+from opdiff.inject import ADAPTER_NAME, adapted_layers, inject, param_groups, remove, trainable_parameters
 from opdiff.methods import METHODS
 from opdiff.methods.lora_over_select import selector
 from opdiff.reparam import collapse, materialize
@@ -28,6 +28,7 @@ __all__ = [
     "load_training_state_dict",
     "materialize",
     "param_groups",
+    "remove",
     "selector",
     "trainable_parameters",
     "training_state_dict",

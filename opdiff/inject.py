@@ -78,6 +78,22 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     return model
 
 
+def remove(model: nn.Module) -> nn.Module:
+    """Take the adapter off again, in place: every adapted layer becomes its original `nn.Linear`.
+
+    Returns the model, equal to the base it was before `inject` (base weights were frozen, never changed) and ready
+    for another `inject`. Useful to compare methods on one loaded base without loading it again.
+    """
+    for a in adapted_layers(model):
+        parent_name, _, child = a.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, a.layer.get_base_layer())
+    for attribute in ("opdiff", "opdiff_config", "peft_config"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    return model
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Return every parameter the optimizer should update (adapter parameters only; the base stays frozen)."""
     return [p for p in model.parameters() if p.requires_grad]

@@ -182,3 +182,17 @@ def test_lora_over_contracts_once_per_step_per_core_layout(method):
         adapted(x, ctx)
         adapted(x, ctx)
     assert len(calls) == 5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_remove_restores_the_base_and_allows_another_method(method):
+    base, adapted = make(method)
+    train(adapted, steps=2)
+    opdiff.remove(adapted)
+    assert not any(isinstance(m, LoraLayer) for m in adapted.modules())
+    assert set(adapted.state_dict()) == set(base.state_dict())
+    assert all(torch.equal(adapted.state_dict()[k], v) for k, v in base.state_dict().items())
+    opdiff.inject(adapted, opdiff.AdapterConfig(method="op-lora"))
+    x, ctx, _ = batch()
+    with torch.no_grad(), opdiff.materialize(adapted):
+        assert (adapted(x, ctx) - base(x, ctx)).abs().max().item() < 1e-6
