@@ -7,7 +7,11 @@
    64 px, batch 1) per method. Methods are timed in interleaved rounds so machine noise hits them alike; the
    median per method is divided by lora's median from the same run.
 
-    python bench/methods.py [--steps 30] [--methods lora,op-lora]
+3. With --full-size: the full-size SDXL U-Net with random weights (about 10 GB in fp32) at a reduced resolution
+   on this machine's device: one base, each method injected, timed and removed in turn (lora first and last, to
+   show how much the machine drifted during the run).
+
+    python bench/methods.py [--steps 30] [--methods lora,op-lora] [--full-size --full-res 256 --full-steps 2]
 """
 
 from __future__ import annotations
@@ -84,11 +88,65 @@ def time_steps(methods: list[str], steps: int, warmup: int) -> dict[str, list[fl
     return times
 
 
+def random_full_size_unet(device: str) -> UNet2DConditionModel:
+    """The full SDXL U-Net with cheap random weights (normal 0.02; norms 1, biases 0): right shapes, right cost."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads(SDXL_CONFIG.read_text()))
+    unet = unet.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.02, generator=g)
+            else:
+                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+    return unet.requires_grad_(False)
+
+
+def time_full_size(methods: list[str], steps: int, resolution: int, device: str) -> list[tuple[str, float]]:
+    """Seconds per training step on the full-size U-Net, one method at a time on one shared base."""
+    unet = random_full_size_unet(device)
+    unet.train()
+    g = torch.Generator(device=device).manual_seed(0)
+    side = resolution // 8
+    latents = torch.randn(1, 4, side, side, generator=g, device=device)
+    text = torch.randn(1, 77, 2048, generator=g, device=device)
+    cond = {"text_embeds": torch.randn(1, 1280, generator=g, device=device),
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device) * 1.0}
+    results = []
+    for method in [*methods, "lora"]:
+        opdiff.inject(unet, opdiff.AdapterConfig(method=method))
+        select_all_n(unet)
+        opt = torch.optim.AdamW(opdiff.param_groups(unet, lr=1e-4))
+        times = []
+        for i in range(steps + 1):  # the first step warms up allocators and kernels
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with opdiff.materialize(unet):
+                out = unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=cond).sample
+                out.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i > 0:
+                times.append(time.perf_counter() - t0)
+        results.append((method, statistics.median(times)))
+        opdiff.remove(unet)
+        del opt
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(opdiff.METHODS), help="comma-separated methods (default: all)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method (default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method first (default 3)")
+    parser.add_argument("--full-size", action="store_true", help="also time the full-size SDXL U-Net (random weights)")
+    parser.add_argument("--full-res", type=int, default=256, help="image size for --full-size (default 256)")
+    parser.add_argument("--full-steps", type=int, default=2, help="timed steps per method for --full-size (default 2)")
+    parser.add_argument("--skip-tiny", action="store_true", help="skip the bundled-model timing")
     args = parser.parse_args()
     methods = args.methods.split(",")
     if "lora" not in methods:
@@ -105,6 +163,20 @@ def main() -> None:
         print(f"{r['method']:16} {r['layers']:6d} {r['trainable']:13,d} {r['trainable'] / lora_params:8.2f}"
               f" {r['n_add']:14,d}")
 
+    if not args.skip_tiny:
+        print_tiny(methods, args)
+    if args.full_size:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"\nFull-size SDXL U-Net, random weights, fp32, {device}, {args.full_res} px, batch 1,"
+              f" median of {args.full_steps} steps after 1 warm-up; lora timed first and last")
+        results = time_full_size(methods, args.full_steps, args.full_res, device)
+        base = results[0][1]
+        print(f"{'method':16} {'s/step':>9} {'x lora':>8}")
+        for method, t in results:
+            print(f"{method:16} {t:9.3f} {t / base:8.3f}")
+
+
+def print_tiny(methods: list[str], args: argparse.Namespace) -> None:
     print(f"\nBundled tiny SDXL U-Net, CPU ({torch.get_num_threads()} threads), 64 px, batch 1,"
           f" median of {args.steps} steps after {args.warmup} warm-up, interleaved")
     times = time_steps(methods, args.steps, args.warmup)
