@@ -1,8 +1,9 @@
-"""The `opdiff` command: train, sample, export, and a CPU demo that does all three on the bundled model."""
+"""The `opdiff` command: train, sample, export, CMMD scores, and a CPU demo that trains, samples and exports."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import torch
 
-from pipelines.config import BUNDLED_DATA, BUNDLED_MODEL, add_arguments, config_from_args
+from metrics import ClipWeightsMissing
+from pipelines.config import BUNDLED_DATA, BUNDLED_MODEL, REPO_ROOT, add_arguments, config_from_args
 
-EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                 "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # `opdiff demo`: the bundled model and images, sized to finish in well under two minutes on two CPU cores. The
 # bundled model's weights are random, so nothing real is learned; a large step makes the adapter's effect visible
 # in the grid after 48 steps.
@@ -36,8 +39,64 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from pipelines.export import export
 
-    out = args.out or args.run_dir / f"lora-{args.dtype}.safetensors"
-    print(f"LoRA: {export(args.run_dir, out, EXPORT_DTYPES[args.dtype])}")
+    files = export(args.run_dir, args.out, EXPORT_DTYPES[args.dtype], format=args.format)
+    print("\n".join(f"LoRA ({fmt}): {path}" for fmt, path in files.items()))
+
+
+def _add_clip_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags that choose the CLIP model CMMD is computed with."""
+    parser.add_argument("--clip-checkpoint", type=Path, default=None, metavar="PATH",
+                        help="CLIP weights file (open_clip_model.safetensors of ViT-L-14-336-quickgelu, or OpenAI's "
+                        "ViT-L-14-336px.pt) (default: the open_clip / Hugging Face cache)")
+    parser.add_argument("--clip-model", default=None, metavar="NAME",
+                        help="open_clip model name (default: ViT-L-14-336-quickgelu, the CMMD reference); "
+                        "'tiny-random' is a tiny CLIP with random weights for tests, its scores mean nothing")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per CLIP forward pass (default: 16)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
+def _cmd_cmmd(args: argparse.Namespace) -> None:
+    from pipelines.evaluate import cmmd_dirs, count_images, load_embedder, trust_label
+
+    n_ref, n_gen = count_images(args.ref_dir), count_images(args.gen_dir)  # a wrong folder fails before CLIP loads
+    embedder = load_embedder(args.clip_model, args.clip_checkpoint, args.device)
+    score = cmmd_dirs(args.ref_dir, args.gen_dir, embedder, args.cache_dir, args.batch_size)
+    print(f"CMMD: {score:.4f}\n  reference: {n_ref} images in {args.ref_dir}\n"
+          f"  compared:  {n_gen} images in {args.gen_dir}\n  CLIP:      {embedder.model_name}")
+    if label := trust_label(embedder):
+        print(label)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from pipelines.evaluate import CMMD_FILE, evaluate_run, load_embedder, trust_label
+
+    embedder = load_embedder(args.clip_model, args.clip_checkpoint, args.device)  # no weights: stop before generating
+    result = evaluate_run(args.run_dir, embedder, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                          limit=args.limit, base_too=args.base_too, batch_size=args.batch_size, device=args.device)
+    print(f"CMMD: {result['cmmd']:.4f}  ({result['n_images']} generated vs {result['n_reference']} training images, "
+          f"{result['steps']} steps, CLIP {result['clip_model']})")
+    if "base_cmmd" in result:
+        print(f"base model CMMD: {result['base_cmmd']:.4f}")
+    if label := trust_label(embedder):
+        print(label)
+    print(f"  scores: {args.run_dir / CMMD_FILE}\n  images: {args.run_dir / 'eval'}")
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> None:
+    from pipelines.reproduce import reproduce
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)  # numbers, true/false/null, lists
+        except json.JSONDecodeError:
+            overrides[key] = value  # a plain string, e.g. a path
+    table = reproduce(args.recipe, args.methods.split(","), args.output_dir, overrides, args.data,
+                      args.clip_model, args.clip_checkpoint, args.eval_steps, args.eval_limit)
+    print(table.read_text(encoding="utf-8"))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -61,6 +120,19 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         f"  base vs adapted:  {grid}\n"
         f"  LoRA (diffusers): {run_dir / 'lora.safetensors'}  -> pipe.load_lora_weights(<this file>)"
     )
+
+
+def _cmd_app(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    # app.py sits beside the packages in a source checkout and imports them; they never import it.
+    app_file = REPO_ROOT / "app.py"
+    if not app_file.is_file():
+        raise FileNotFoundError(f"opdiff app runs {app_file}, which comes with a source checkout of opdiff")
+    spec = importlib.util.spec_from_file_location("opdiff_app", app_file)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    app.main(args.app_args, prog="opdiff app")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,15 +173,70 @@ def build_parser() -> argparse.ArgumentParser:
                         help="grid PNG path (default: <run folder>/samples.png, or ./samples.png for a base model)")
     sample.set_defaults(run=_cmd_sample)
 
-    export = sub.add_parser("export", help="collapse a run's adapter and write a diffusers LoRA file",
+    export = sub.add_parser("export", help="collapse a run's adapter and write LoRA files (diffusers, kohya)",
                             formatter_class=fmt,
                             description="Rebuild a run's adapter from adapter_training.safetensors, collapse it, "
-                            "and write the LoRA that StableDiffusionXLPipeline.load_lora_weights reads.")
+                            "and write it as a plain LoRA: diffusers/PEFT keys (what "
+                            "StableDiffusionXLPipeline.load_lora_weights reads) and/or kohya keys (what ComfyUI, "
+                            "AUTOMATIC1111/Forge and kohya read; diffusers reads them too). The run's settings, "
+                            "steps and CMMD (if `opdiff eval` measured it) go into the file header.")
     export.add_argument("run_dir", type=Path, help="a run folder written by `opdiff train`")
+    export.add_argument("--format", choices=["diffusers", "kohya", "both"], default="both",
+                        help="key layout; `both` writes the kohya file beside the diffusers one, named "
+                        "<name>_kohya.safetensors")
     export.add_argument("--out", type=Path, default=None,
-                        help="output file (default: <run folder>/lora-<dtype>.safetensors)")
-    export.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="float32", help="tensor dtype in the file")
+                        help="output file (default: <run folder>/lora.safetensors, lora-fp16/-bf16.safetensors in "
+                        "half precision)")
+    export.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="fp32", help="tensor dtype in the file")
     export.set_defaults(run=_cmd_export)
+
+    cmmd = sub.add_parser("cmmd", help="CMMD between two image folders",
+                          description="CMMD (CLIP maximum mean discrepancy, x1000; lower is closer) between the "
+                          "images directly in two folders, with CLIP ViT-L/14 at 336 px.")
+    cmmd.add_argument("ref_dir", type=Path, help="folder of reference images (e.g. the training images)")
+    cmmd.add_argument("gen_dir", type=Path, help="folder of images to compare (e.g. generated ones)")
+    _add_clip_arguments(cmmd)
+    cmmd.add_argument("--cache-dir", type=Path, default=None,
+                      help="store each folder's CLIP embeddings here and reuse them while its files are unchanged")
+    cmmd.set_defaults(run=_cmd_cmmd)
+
+    evaluate = sub.add_parser("eval", help="score a run: one image per training caption, CMMD vs the training images",
+                              description="Generate one image per training caption with the run's LoRA loaded into "
+                              "its base model (caption i from seed SEED + i), then compute CMMD against the training "
+                              "images; writes <run folder>/cmmd.json and the images under <run folder>/eval/.")
+    evaluate.add_argument("run_dir", type=Path, help="a run folder written by `opdiff train`")
+    _add_clip_arguments(evaluate)
+    evaluate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the run's sample_steps)")
+    evaluate.add_argument("--guidance-scale", type=float, default=None,
+                          help="classifier-free guidance (default: the run's guidance_scale)")
+    evaluate.add_argument("--seed", type=int, default=0, help="caption i is generated from seed SEED + i (default: 0)")
+    evaluate.add_argument("--limit", type=int, default=None,
+                          help="generate for the first N captions only (default: all)")
+    evaluate.add_argument("--base-too", action="store_true",
+                          help="also score the base model without the LoRA, on the same captions and seeds")
+    evaluate.set_defaults(run=_cmd_eval)
+
+    repro = sub.add_parser("reproduce", help="the papers' protocol: train each method, CMMD table, grid",
+                           description="For each method: train with the recipe's settings, generate one image per "
+                           "training caption, score CMMD against the training images; write table.md, table.csv "
+                           "and samples.png. Finished runs and scores are reused (resumable per method).")
+    repro.add_argument("--recipe", required=True, help="recipes/<name>.toml (naruto, monet) or a .toml file")
+    repro.add_argument("--methods", default="lora,op-lora,dora,op-dora", help="comma-separated methods")
+    repro.add_argument("--output-dir", type=Path, required=True, help="one sub-folder per method, tables beside them")
+    repro.add_argument("--data", default=None,
+                       help="replace the recipe's source: a local parquet/arrow copy, hf:<id>, or an image folder")
+    repro.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="override recipe training settings, e.g. --set base=path/to/sdxl max_steps=100")
+    repro.add_argument("--eval-steps", type=int, default=None, help="denoising steps per evaluation image")
+    repro.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N captions")
+    _add_clip_arguments(repro)
+    repro.set_defaults(run=_cmd_reproduce)
+
+    # The flags belong to app.py (`opdiff app --help` lists them); "+" as the prefix passes "--flag"s through.
+    app = sub.add_parser("app", help="start the web GUI: upload, train, compare, evaluate, export (app.py)",
+                         add_help=False, prefix_chars="+")
+    app.add_argument("app_args", nargs="*", help="app.py's flags: --host, --port, --output-dir, --max-upload-mb")
+    app.set_defaults(run=_cmd_app)
     return parser
 
 
@@ -120,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FloatingPointError, ClipWeightsMissing) as e:  # user errors: no traceback
         print(f"opdiff {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

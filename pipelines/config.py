@@ -23,6 +23,16 @@ BUNDLED_MODEL = REPO_ROOT / "assets" / "tiny-sdxl"
 BUNDLED_DATA = REPO_ROOT / "assets" / "demo-data"
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
+RUN_CONFIG_FILE = "config.json"  # what `train` writes into every run folder (pipelines.export.CONFIG_FILE)
+# Settings a resumed run may change: they do not alter the trajectory of the steps already taken or to come
+# (length, bookkeeping, where data and caches live, how memory is spent). The dataset's content is checked by
+# its hash instead of its path.
+RESUME_MAY_CHANGE = frozenset({
+    "data", "output_dir", "resume", "max_steps", "epochs", "checkpoint_every", "device", "cache_dir",
+    "cache_latents", "gradient_checkpointing", "sample_prompts", "sample_seeds", "sample_steps", "guidance_scale",
+})
+# A flag that turns a boolean setting off, where `--no-<name>` would read badly.
+OFF_FLAGS = {"random_crop": "center_crop"}
 
 
 @dataclass
@@ -31,10 +41,16 @@ class TrainConfig:
 
     base: str = str(BUNDLED_MODEL)
     """Base model: a diffusers folder, a single-file `.safetensors` checkpoint, or a hub id."""
+    vae: str | None = None
+    """VAE to use instead of the base's (a diffusers folder, a single file, or a hub id); it runs in float32."""
     data: Path = BUNDLED_DATA
     """Dataset: a folder of images with same-name `.txt` captions or a `metadata.jsonl`, or a `.zip` of either."""
+    caption: str | None = None
+    """Caption for images that have none (no `.txt` file, no text in metadata.jsonl); None skips such images."""
     output_dir: Path | None = None
     """Run folder for config, losses, checkpoints and the exported LoRA; None means `runs/<method>-<time>`."""
+    resume: Path | None = None
+    """Continue the run in this folder from its last checkpoint, with its settings (flags may extend max_steps)."""
 
     # Adapter settings, passed to opdiff.AdapterConfig; their help text is that class's field documentation.
     method: str = AdapterConfig.method
@@ -65,12 +81,28 @@ class TrainConfig:
     """Training image size in pixels; None means the base model's native size (1024 for SDXL, 64 for the bundled model)."""
     seed: int = 0
     """Seed for adapter init, data order, noise and timesteps: equal seeds give equal loss curves."""
+    buckets: bool = True
+    """Train each image at the SDXL aspect-ratio bucket (scaled to the resolution) closest to its own shape;
+    off: square crops."""
+    random_crop: bool = False
+    """Crop a random part of the resized image (at multiples of 8 px) instead of its center."""
+    flip: bool = False
+    """Flip each image horizontally with probability 1/2 at every step."""
+    cache_latents: bool = True
+    """Encode every image and caption once before training (the VAE and text encoders then leave the device);
+    off: encode each batch as it is drawn."""
+    cache_dir: Path | None = None
+    """Folder that keeps latents and prompt embeddings across runs, keyed by image content, caption, model
+    weights and crop; None keeps them in memory only."""
     mixed_precision: MixedPrecision = "no"
-    """Autocast dtype for the U-Net forward pass; adapter weights, optimizer and VAE stay float32."""
+    """Autocast dtype for the U-Net forward pass; the frozen U-Net and text encoders are stored in it too.
+    Adapter weights, optimizer and VAE stay float32."""
+    gradient_checkpointing: bool = False
+    """Recompute U-Net activations in the backward pass: less memory, about a third more time per step."""
     device: str | None = None
     """Torch device; None means `cuda` when available, else `cpu`."""
     checkpoint_every: int | None = None
-    """Write the trainable tensors every this many steps (always at the end); None means only at the end."""
+    """Save a resumable checkpoint every this many steps (always at the end); None means only at the end."""
     sample_prompts: tuple[str, ...] = ()
     """Prompts for the base-vs-adapted grid; empty means the first two training captions."""
     sample_seeds: tuple[int, ...] = (0,)
@@ -82,7 +114,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
-        self.output_dir = None if self.output_dir is None else Path(self.output_dir)
+        for name in ("output_dir", "resume", "cache_dir"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
         self.target_modules = tuple(self.target_modules)
         self.sample_prompts = tuple(self.sample_prompts)
         self.sample_seeds = tuple(int(s) for s in self.sample_seeds)
@@ -187,6 +221,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not MISSING else f.default_factory()
         shown = default if not isinstance(default, tuple) else " ".join(map(str, default)) or "(none)"
         kwargs: dict = {"default": argparse.SUPPRESS, "help": f"{helps[f.name]} [default: {shown}]"}
+        if tp is bool:
+            off = "--" + OFF_FLAGS.get(f.name, "no_" + f.name).replace("_", "-")
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true", **kwargs)
+            parser.add_argument(off, dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                                help=f"the opposite of --{f.name.replace('_', '-')}")
+            continue
         if typing.get_origin(tp) is tuple:
             kwargs.update(nargs="*", type=typing.get_args(tp)[0], metavar=f.name.upper())
         elif typing.get_origin(tp) is Literal:
@@ -207,9 +247,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConfig:
-    """Return the TrainConfig from defaults < `--config` file < `overrides` < flags given on the command line."""
+    """Return the TrainConfig from defaults < resumed run's settings < `--config` file < `overrides` < flags.
+
+    The resumed run's settings apply when `--resume RUN_DIR` is given (in a flag, the file or `overrides`).
+    """
     values: dict = dict(load_config_file(args.config)) if args.config is not None else {}
     values.update(overrides)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     values.update(given)
+    if values.get("resume") is not None:
+        return resume_config(values.pop("resume"), **values)
+    return TrainConfig.from_dict(values)
+
+
+def resume_config(run_dir: str | Path, **changes: object) -> TrainConfig:
+    """Return the settings that continue the run in `run_dir`: its own, with `changes` on top and `resume` set.
+
+    Pass e.g. `max_steps=` to train longer. `train` refuses changes outside RESUME_MAY_CHANGE by name, since
+    they would make the loss curve differ from an uninterrupted run's.
+    """
+    run_dir = Path(run_dir)
+    config_file = run_dir / RUN_CONFIG_FILE
+    if not config_file.is_file():
+        raise ValueError(f"cannot resume {run_dir}: it has no {RUN_CONFIG_FILE} (not a run folder)")
+    values = {**load_config_file(config_file), "output_dir": run_dir, **changes, "resume": run_dir}
     return TrainConfig.from_dict(values)

@@ -1,23 +1,32 @@
-"""The proof of an export: a fresh pipeline with `load_lora_weights(file)` computes what the trained model computes."""
+"""The proof of an export: a fresh pipeline with `load_lora_weights(file)` computes what the trained model computes.
+
+Every method is trained once (module-scoped fixture) and its run's two files, diffusers and kohya format, are
+each loaded into a fresh `StableDiffusionXLPipeline` the way a user would.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import opdiff
 from pipelines.cli import main
 from pipelines.config import TrainConfig
 from pipelines.data import scan_dataset
-from pipelines.export import export
+from pipelines.export import KOHYA_FILE, LORA_FILE, export
+from pipelines.kohya import kohya_names
 from pipelines.model import load_pipeline
 from pipelines.sample import LABEL_HEIGHT, MIN_CELL, sample
 from pipelines.train import encode_dataset, train
@@ -25,6 +34,21 @@ from pipelines.train import encode_dataset, train
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 CASES = [(m, 4, 4.0) for m in opdiff.METHODS] + [("lora", 4, 8.0), ("dora", 2, 8.0)]
+FILES = {"diffusers": LORA_FILE, "kohya": KOHYA_FILE}
+
+
+@dataclass
+class Trained:
+    """One trained run and what its model computed before export."""
+
+    method: str
+    rank: int
+    alpha: float
+    run_dir: Path
+    unet: nn.Module
+    """The trained U-Net, collapsed after `out` and `image` were computed from its uncollapsed state."""
+    out: torch.Tensor  # (2, 4, 8, 8): U-Net output on `inputs`
+    image: np.ndarray  # (64, 64, 3): `_image` of the trained pipeline
 
 
 def _fresh(bundled_model) -> StableDiffusionXLPipeline:
@@ -33,9 +57,58 @@ def _fresh(bundled_model) -> StableDiffusionXLPipeline:
 
 
 @torch.no_grad()
-def _unet_out(unet: torch.nn.Module, inputs: dict) -> torch.Tensor:
+def _unet_out(unet: nn.Module, inputs: dict) -> torch.Tensor:
     with opdiff.materialize(unet):
         return unet(**inputs).sample  # (B, 4, 8, 8)
+
+
+def _image(pipe: StableDiffusionXLPipeline) -> np.ndarray:
+    """A 2-step generation from seed 0 (with classifier-free guidance): (64, 64, 3) floats in [0, 1]."""
+    with opdiff.materialize(pipe.unet):
+        return pipe("a red circle on a blue square", num_inference_steps=2, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+def _load(bundled_model, file: Path) -> StableDiffusionXLPipeline:
+    """A fresh pipeline with `file` loaded; a kohya DoRA file is finished the way LyCORIS and ComfyUI apply it."""
+    pipe = _fresh(bundled_model)
+    pipe.load_lora_weights(str(file))
+    scales = {k.removesuffix(".dora_scale"): v for k, v in load_file(file).items() if k.endswith(".dora_scale")}
+    if scales:
+        _apply_dora_scale(pipe, scales)
+    return pipe
+
+
+@torch.no_grad()
+def _apply_dora_scale(pipe: StableDiffusionXLPipeline, scales: dict[str, torch.Tensor]) -> None:
+    """diffusers skips `dora_scale`; apply it as LyCORIS does for its output-axis layout (d_out, 1):
+    W = dora_scale * W' / ||W'||_row, with W' = W0 + alpha / r * up @ down as diffusers loaded it."""
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused W' in the plain Linear layers
+    modules = dict(pipe.unet.named_modules())
+    attention_linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and ".attentions." in n]
+    module_of = {kohya: name for name, kohya in kohya_names(pipe.unet.config, attention_linears).items()}
+    for kohya, scale in scales.items():
+        weight = modules[module_of[kohya]].weight  # (d_out, d_in)
+        weight.mul_(scale / weight.norm(dim=1, keepdim=True))
+
+
+def _data(source: Path, out: Path, n: int) -> Path:
+    """A folder with the first n bundled images and captions."""
+    out.mkdir(parents=True)
+    for image in sorted(source.glob("*.png"))[:n]:
+        shutil.copy(image, out / image.name)
+        shutil.copy(image.with_suffix(".txt"), out / image.with_suffix(".txt").name)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_for_module_fixtures():
+    """The module-scoped training below runs before the per-test `single_thread`; give it one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -53,94 +126,147 @@ def inputs(bundled_model, bundled_data) -> dict:
     }
 
 
-@pytest.mark.parametrize(("method", "rank", "alpha"), CASES)
-def test_exported_lora_reloads_to_the_trained_model(method, rank, alpha, bundled_model, demo_subset, inputs,
-                                                    quick_settings, tmp_path):
-    # A large learning rate so the adapter moves the output far more than the reload tolerance.
-    cfg = TrainConfig(data=demo_subset(2), output_dir=tmp_path / "run", rank=rank, alpha=alpha, max_steps=3, lr=1e-2,
-                      **quick_settings(method))
-    run_dir = train(cfg)
-    lora_file = run_dir / "lora.safetensors"
-
-    # The trained model as training held it: base + uncollapsed adapter state (MLPs, cores, ...).
-    trained = load_pipeline(bundled_model, device="cpu").unet
-    base_out = _unet_out(trained, inputs)
-    opdiff.inject(trained, cfg.adapter_config())
-    opdiff.load_training_state_dict(trained, load_file(run_dir / "adapter_training.safetensors"))
-    trained_out = _unet_out(trained, inputs)
-    assert (trained_out - base_out).abs().max() > 1e-3, "training did not change the model; the test would be vacuous"
-
+@pytest.fixture(scope="module")
+def base(bundled_model, inputs) -> tuple[torch.Tensor, np.ndarray]:
+    """The base model's U-Net output on `inputs` and its `_image`."""
     pipe = _fresh(bundled_model)
-    pipe.load_lora_weights(str(lora_file))
-    loaded_out = _unet_out(pipe.unet, inputs)
-    assert (loaded_out - trained_out).abs().max() < 1e-5
+    return _unet_out(pipe.unet, inputs), _image(pipe)
 
-    with safe_open(str(lora_file), framework="pt") as f:
-        meta = f.metadata()
-    lora_meta = json.loads(meta["lora_adapter_metadata"])
-    assert meta["opdiff_method"] == method and meta["opdiff_version"] == opdiff.__version__
-    assert (lora_meta["unet.r"], lora_meta["unet.lora_alpha"]) == (rank, alpha)
-    assert lora_meta["unet.use_dora"] == opdiff.METHODS[method].use_dora
-    assert json.loads(meta["opdiff_adapter"])["alpha"] == alpha
-    assert json.loads(meta["opdiff_config"])["train"]["method"] == method
 
-    # Byte-level format: what diffusers' own save_lora_weights writes for the same collapsed adapter.
-    opdiff.collapse(trained)
+@pytest.fixture(scope="module", params=CASES, ids=[f"{m}-r{r}-a{a:g}" for m, r, a in CASES])
+def trained(request, tmp_path_factory, bundled_model, bundled_data, inputs, quick_settings) -> Trained:
+    """A 3-step run of (method, rank, alpha) at a large learning rate, so the adapter moves the output far more
+    than the reload tolerance; and what the trained model computes, held as training held it (uncollapsed)."""
+    method, rank, alpha = request.param
+    root = tmp_path_factory.mktemp(f"{method}-r{rank}")
+    cfg = TrainConfig(data=_data(bundled_data, root / "data", 2), output_dir=root / "run", rank=rank, alpha=alpha,
+                      max_steps=3, lr=1e-2, **quick_settings(method))
+    run_dir = train(cfg)
+    pipe = load_pipeline(bundled_model, device="cpu")
+    opdiff.inject(pipe.unet, cfg.adapter_config())
+    opdiff.load_training_state_dict(pipe.unet, load_file(run_dir / "adapter_training.safetensors"))
+    out, image = _unet_out(pipe.unet, inputs), _image(pipe)
+    opdiff.collapse(pipe.unet)
+    return Trained(method, rank, alpha, run_dir, pipe.unet, out, image)
+
+
+@pytest.mark.parametrize("fmt", FILES)
+def test_exported_file_reloads_to_the_trained_model(fmt, trained, base, bundled_model, inputs):
+    base_out, base_image = base
+    assert (trained.out - base_out).abs().max() > 1e-3, "training did not change the model; the test would be vacuous"
+    assert np.abs(trained.image - base_image).max() > 1e-2, "the adapter does not change the image"
+
+    pipe = _load(bundled_model, trained.run_dir / FILES[fmt])
+    assert (_unet_out(pipe.unet, inputs) - trained.out).abs().max() < 1e-5
+    np.testing.assert_allclose(_image(pipe), trained.image, rtol=0, atol=1e-5)
+
+
+def test_headers_describe_the_run(trained):
+    run_config = json.loads((trained.run_dir / "config.json").read_text())
+    use_dora = opdiff.METHODS[trained.method].use_dora
+    headers = {}
+    for fmt, name in FILES.items():
+        with safe_open(str(trained.run_dir / name), framework="pt") as f:
+            headers[fmt] = f.metadata()
+        meta = headers[fmt]
+        assert meta["opdiff_method"] == trained.method and meta["opdiff_version"] == opdiff.__version__
+        assert (meta["opdiff_rank"], meta["opdiff_alpha"]) == (str(trained.rank), str(trained.alpha))
+        assert json.loads(meta["opdiff_targets"]) == run_config["adapter"]["target_modules"]
+        assert meta["opdiff_base"] == run_config["base"]
+        assert meta["opdiff_dataset_hash"] == run_config["dataset"]["hash"]
+        assert (meta["opdiff_steps"], meta["opdiff_resolution"]) == ("3", "64")
+        assert json.loads(meta["opdiff_adapter"])["alpha"] == trained.alpha
+        assert json.loads(meta["opdiff_config"])["train"]["method"] == trained.method
+        assert "opdiff_cmmd" not in meta  # not measured
+    lora_meta = json.loads(headers["diffusers"]["lora_adapter_metadata"])
+    assert (lora_meta["unet.r"], lora_meta["unet.lora_alpha"]) == (trained.rank, trained.alpha)
+    assert lora_meta["unet.use_dora"] == use_dora
+    kohya_meta = headers["kohya"]
+    assert kohya_meta["ss_network_module"] == ("lycoris.kohya" if use_dora else "networks.lora")
+    assert (kohya_meta["ss_network_dim"], kohya_meta["ss_network_alpha"]) == (str(trained.rank), str(trained.alpha))
+    assert (kohya_meta["ss_base_model_version"], kohya_meta["ss_steps"]) == ("sdxl_base_v1-0", "3")
+    assert kohya_meta["ss_resolution"] == "(64, 64)" and kohya_meta["ss_sd_model_name"] == "tiny-sdxl"
+
+    # The kohya tensors are the diffusers tensors under other names: down = A, up = B, dora_scale = m as a column.
+    diffusers, kohya = load_file(trained.run_dir / LORA_FILE), load_file(trained.run_dir / KOHYA_FILE)
+    layers = opdiff.adapted_layers(trained.unet)
+    names = kohya_names(trained.unet.config, [a.name for a in layers])
+    assert len(kohya) == len(layers) * (4 if use_dora else 3)
+    for a in layers:
+        k, d = names[a.name], f"unet.{a.name}"
+        assert torch.equal(kohya[f"{k}.lora_down.weight"], diffusers[f"{d}.lora_A.weight"])  # (r, d_in)
+        assert torch.equal(kohya[f"{k}.lora_up.weight"], diffusers[f"{d}.lora_B.weight"])  # (d_out, r)
+        assert kohya[f"{k}.alpha"].shape == () and kohya[f"{k}.alpha"].item() == trained.alpha
+        if use_dora:
+            assert torch.equal(kohya[f"{k}.dora_scale"], diffusers[f"{d}.lora_magnitude_vector"][:, None])
+
+
+def test_diffusers_file_is_what_save_lora_weights_writes(trained, tmp_path):
+    lora_file = trained.run_dir / LORA_FILE
     StableDiffusionXLPipeline.save_lora_weights(
         tmp_path / "reference",
-        unet_lora_layers=get_peft_model_state_dict(trained),
-        unet_lora_adapter_metadata=trained.peft_config["default"].to_dict(),
+        unet_lora_layers=get_peft_model_state_dict(trained.unet),
+        unet_lora_adapter_metadata=trained.unet.peft_config["default"].to_dict(),
     )
     reference = tmp_path / "reference" / "pytorch_lora_weights.safetensors"
     ours, theirs = load_file(lora_file), load_file(reference)
     assert sorted(ours) == sorted(theirs)
-    assert any(k.endswith(".lora_magnitude_vector") for k in ours) == opdiff.METHODS[method].use_dora
+    assert any(k.endswith(".lora_magnitude_vector") for k in ours) == opdiff.METHODS[trained.method].use_dora
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
     with safe_open(str(reference), framework="pt") as f:
         reference_meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    with safe_open(str(lora_file), framework="pt") as f:
+        lora_meta = json.loads(f.metadata()["lora_adapter_metadata"])
     # diffusers writes the target_modules set in hash order; opdiff sorts it so equal runs write equal files.
     reference_meta["unet.target_modules"] = sorted(reference_meta["unet.target_modules"])
     assert reference_meta == lora_meta
 
 
-def test_alpha_metadata_is_what_sets_the_scale(bundled_model, demo_subset, inputs, tmp_path):
-    """Without the header's LoraConfig, alpha=8 at rank 4 loads at scale 1 instead of 2: the metadata matters."""
-    cfg = TrainConfig(data=demo_subset(2), output_dir=tmp_path / "run", rank=4, alpha=8.0, max_steps=3, lr=1e-2)
-    lora_file = train(cfg) / "lora.safetensors"
-    stripped = tmp_path / "stripped.safetensors"
-    save_file(load_file(lora_file), stripped, metadata={"format": "pt"})
+def _strip_alpha(file: Path, out: Path) -> Path:
+    """`file` without what carries alpha: the diffusers header's LoraConfig, or kohya's `.alpha` tensors."""
+    tensors = {k: v for k, v in load_file(file).items() if not k.endswith(".alpha")}
+    save_file(tensors, out, metadata={"format": "pt"})
+    return out
 
-    outs = []
-    for path in (lora_file, stripped):
-        pipe = _fresh(bundled_model)
-        pipe.load_lora_weights(str(path))
-        outs.append(_unet_out(pipe.unet, inputs))
+
+@pytest.mark.parametrize("trained", [("lora", 4, 8.0)], indirect=True, ids=["lora-r4-a8"])
+@pytest.mark.parametrize("fmt", FILES)
+def test_alpha_is_what_sets_the_scale(fmt, trained, bundled_model, inputs, tmp_path):
+    """Without its alpha, alpha=8 at rank 4 loads at scale 1 instead of 2: the file must carry it."""
+    lora_file = trained.run_dir / FILES[fmt]
+    stripped = _strip_alpha(lora_file, tmp_path / "stripped.safetensors")
+    outs = [_unet_out(_load(bundled_model, path).unet, inputs) for path in (lora_file, stripped)]
     assert (outs[0] - outs[1]).abs().max() > 1e-3
 
 
-def test_cli_export_rebuilds_from_the_run_in_half_precision(bundled_model, demo_subset, tmp_path):
-    cfg = TrainConfig(data=demo_subset(1), output_dir=tmp_path / "run", method="op-dora", max_steps=2, lr=1e-2)
-    run_dir = train(cfg)
+@pytest.mark.parametrize("trained", [("op-dora", 4, 4.0)], indirect=True, ids=["op-dora-r4-a4"])
+def test_cli_export_rebuilds_from_the_run_in_half_precision(trained, tmp_path, capsys):
     out = tmp_path / "half.safetensors"
-    assert main(["export", str(run_dir), "--dtype", "float16", "--out", str(out)]) == 0
-    half, full = load_file(out), load_file(run_dir / "lora.safetensors")
-    assert sorted(half) == sorted(full)
-    for key, value in half.items():
-        assert value.dtype == torch.float16
-        torch.testing.assert_close(value.float(), full[key], rtol=1e-3, atol=1e-4)
+    assert main(["export", str(trained.run_dir), "--dtype", "float16", "--out", str(out)]) == 0
+    kohya_out = tmp_path / "half_kohya.safetensors"
+    assert f"LoRA (diffusers): {out}" in capsys.readouterr().out
+    for half_file, name in ((out, LORA_FILE), (kohya_out, KOHYA_FILE)):
+        half, full = load_file(half_file), load_file(trained.run_dir / name)
+        assert sorted(half) == sorted(full)
+        for key, value in half.items():
+            # alpha stays float32 in every file: it is a scale, and half precision would round e.g. 0.3
+            assert value.dtype == (torch.float32 if key.endswith(".alpha") else torch.float16)
+            torch.testing.assert_close(value.float(), full[key], rtol=1e-3, atol=1e-4)
 
 
-def test_non_finite_adapters_are_not_exported(bundled_model, tmp_path):
-    unet = load_pipeline(bundled_model, device="cpu").unet
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya", "both"])
+def test_non_finite_adapters_are_not_exported(fmt, bundled_model, tmp_path):
+    unet = UNet2DConditionModel.from_pretrained(bundled_model / "unet")
     opdiff.inject(unet, opdiff.AdapterConfig(method="op-lora"))
     layer = opdiff.adapted_layers(unet)[3]
     with torch.no_grad():
         opdiff.collapse(unet)
         layer.lora_B.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=rf"refusing to export: 1 tensor\(s\) hold NaN/inf .*{layer.name}\.lora_B"):
-        export(unet, tmp_path / "bad.safetensors")
-    assert not (tmp_path / "bad.safetensors").exists()
+    bad = f"{kohya_names(unet.config, [layer.name])[layer.name]}.lora_up" if fmt == "kohya" else f"{layer.name}.lora_B"
+    with pytest.raises(ValueError, match=rf"refusing to export: 1 tensor\(s\) hold NaN/inf .*first: \S*{bad}"):
+        export(unet, tmp_path / "bad.safetensors", format=fmt)
+    assert not list(tmp_path.iterdir()), "a refused export wrote a file"
 
 
 def test_export_of_an_unfinished_folder_says_what_is_missing(tmp_path):

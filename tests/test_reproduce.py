@@ -114,3 +114,12 @@ def test_reproduce_end_to_end_on_the_bundled_model(demo_subset, bundled_model, t
     reproduce("naruto", ["lora", "op-lora"], tmp_path / "repro", overrides=overrides, data=data,
               clip_model="tiny-random", eval_steps=2)
     assert (tmp_path / "repro" / "lora" / "lora.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_cli_reproduce_rejects_bad_overrides(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["reproduce", "--recipe", "naruto", "--output-dir", str(tmp_path), "--set", "rank"]) == 2
+    assert "--set takes KEY=VALUE" in capsys.readouterr().err
+    assert main(["reproduce", "--recipe", "nope", "--output-dir", str(tmp_path)]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err

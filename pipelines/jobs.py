@@ -1,0 +1,460 @@
+"""Everything the GUI needs that is not a widget: one background training job, datasets built from uploads,
+and listings of the runs in an output folder.
+
+State lives here, in the server process, not in a browser session: closing or reloading the page neither stops a
+run nor loses its progress, and the page finds everything again by polling `TrainingJobs.status()` and listing
+the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+
+from PIL import Image
+
+from metrics import ClipEmbedder
+from pipelines.config import TrainConfig
+from pipelines.data import CAPTION_EXTENSION, IMAGE_EXTENSIONS, METADATA_FILE, scan_dataset
+from pipelines.evaluate import CMMD_FILE, load_embedder
+from pipelines.export import CONFIG_FILE, LORA_FILE
+from pipelines.sample import DEFAULT_PROMPTS, LABEL_HEIGHT, sample
+from pipelines.train import CHECKPOINT_FILE, LOSSES_FILE, SELECTION_FILE, train
+
+log = logging.getLogger(__name__)
+
+DATASETS_DIR = "datasets"
+"""Sub-folder of the output folder that holds the datasets built from uploads."""
+COMPARE_DIR = "compare"
+"""Sub-folder of the output folder that holds comparison grids."""
+REJECTED_FILE = ".rejected.json"
+"""Per uploaded dataset: the uploaded files that were not used, with the reason (hidden: not dataset content)."""
+RUNNING_STATES = ("starting", "training", "stopping")
+
+
+class JobBusy(RuntimeError):
+    """Raised by `TrainingJobs.start` while another run is in progress."""
+
+
+class UploadRejected(ValueError):
+    """Raised when an upload leaves no usable image; `skipped` lists every file with the reason."""
+
+    def __init__(self, message: str, skipped: list[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.skipped = skipped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training job
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A snapshot of the training job, safe to hand to another thread."""
+
+    state: str = "idle"
+    """idle (nothing started since the server started), starting (loading the model, encoding the data),
+    training, stopping (a stop was asked for; the run saves and exports at the next step), finished,
+    stopped, failed."""
+    run_dir: Path | None = None
+    method: str | None = None
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    it_s: float | None = None
+    eta_s: float | None = None
+    losses: tuple[tuple[int, float], ...] = ()
+    """(step, loss) for every step so far (of a resumed run: its earlier steps too)."""
+    selections: tuple[dict, ...] = ()
+    """LoRA-Over MPOP/MPOR: the matrices chosen so far (step, group, layer, matrix, score)."""
+    error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether a run is in progress (a new one cannot start)."""
+        return self.state in RUNNING_STATES
+
+    def to_dict(self) -> dict:
+        """Return the snapshot as JSON-serialisable values, without the per-step loss list."""
+        return {
+            "state": self.state,
+            "run": self.run_dir.name if self.run_dir else None,
+            "run_dir": str(self.run_dir) if self.run_dir else None,
+            "method": self.method,
+            "step": self.step,
+            "total": self.total,
+            "loss": self.loss,
+            "it_s": self.it_s,
+            "eta_s": self.eta_s,
+            "selected": len(self.selections),
+            "error": self.error,
+        }
+
+
+class TrainingJobs:
+    """Runs at most one `pipelines.train.train` at a time in a background thread; the page polls `status()`."""
+
+    def __init__(self, runs_dir: str | Path, train_fn: Callable[..., Path] = train) -> None:
+        self.runs_dir = Path(runs_dir)
+        self._train = train_fn
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._status = JobStatus()
+        self._losses: list[tuple[int, float]] = []
+        self._selections: list[dict] = []
+
+    def start(self, cfg: TrainConfig) -> JobStatus:
+        """Start training `cfg` in the background and return the first status.
+
+        The run goes to `cfg.output_dir`, or to a new `<runs_dir>/<method>-<time>` folder. Raises JobBusy while
+        another run is in progress.
+        """
+        with self._lock:
+            if self._status.running:
+                current = self._status
+                raise JobBusy(
+                    f"a run is already in progress ({current.run_dir.name}, step {current.step}/{current.total}); "
+                    "stop it or wait for it to finish"
+                )
+            cfg = replace(cfg, output_dir=cfg.output_dir or new_run_dir(self.runs_dir, cfg.method))
+            self._stop.clear()
+            # A resumed run continues its loss curve and selection log from the files it wrote.
+            self._losses = read_losses(cfg.output_dir) if cfg.resume is not None else []
+            self._selections = read_selections(cfg.output_dir) if cfg.resume is not None else []
+            self._status = JobStatus("starting", run_dir=cfg.output_dir, method=cfg.method, total=cfg.max_steps or 0,
+                                     step=len(self._losses))
+            threading.Thread(target=self._run, args=(cfg,), name="opdiff-train", daemon=True).start()
+        return self.status()
+
+    def stop(self) -> JobStatus:
+        """Ask the running job to stop after its current step (it then saves and exports); return the status."""
+        with self._lock:
+            if self._status.running:
+                self._stop.set()
+                self._status = replace(self._status, state="stopping")
+        return self.status()
+
+    def status(self) -> JobStatus:
+        """Return the current snapshot (the last run's final state once it has ended)."""
+        with self._lock:  # the per-step lists are copied here, once per poll, not once per step
+            return replace(self._status, losses=tuple(self._losses), selections=tuple(self._selections))
+
+    def _on_event(self, event: dict) -> None:
+        with self._lock:
+            self._losses.append((event["step"], event["loss"]))
+            self._selections += event.get("selected", [])
+            self._status = replace(
+                self._status,
+                state="stopping" if self._stop.is_set() else "training",
+                step=event["step"],
+                total=event["total"],
+                loss=event["loss"],
+                it_s=event["it_s"],
+                eta_s=event["eta_s"],
+            )
+
+    def _run(self, cfg: TrainConfig) -> None:
+        state, error = "finished", None
+        try:
+            self._train(cfg, on_event=self._on_event, should_stop=self._stop.is_set)
+            if self._stop.is_set():
+                state = "stopped"
+        except Exception as e:  # noqa: BLE001 - any failure ends the job; the page shows it instead of a traceback
+            log.exception("training run %s failed", cfg.output_dir)
+            state, error = "failed", f"{type(e).__name__}: {e}"
+        with self._lock:
+            self._status = replace(self._status, state=state, error=error, eta_s=0.0 if state == "finished" else None)
+
+
+def new_run_dir(runs_dir: str | Path, method: str) -> Path:
+    """Create and return a new, empty run folder `<runs_dir>/<method>-<YYYYmmdd-HHMMSS>[-k]`."""
+    return _claim_dir(Path(runs_dir) / f"{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def _claim_dir(path: Path) -> Path:
+    """Create `path`, or `path-2`, `path-3`, ... when taken; return the folder created (atomic via mkdir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        candidate = path if k == 1 else path.with_name(f"{path.name}-{k}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free folder name like {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the output folder says about one run."""
+
+    path: Path
+    method: str
+    base: str
+    images: int
+    steps: int
+    """Steps recorded in losses.csv (the last checkpoint's, while the run is in progress)."""
+    final_loss: float | None
+    finished: bool
+    """Whether the collapsed LoRA file exists."""
+    resumable: bool
+    """Whether a checkpoint to continue from exists."""
+    cmmd: dict | None = None
+    """The run's cmmd.json, once it has been evaluated."""
+
+    @property
+    def name(self) -> str:
+        """The run folder's name: how the GUI and the API refer to a run."""
+        return self.path.name
+
+
+def list_runs(runs_dir: str | Path) -> list[RunInfo]:
+    """Return every run folder (one holding config.json) directly under `runs_dir`, newest first."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    configs = sorted(runs_dir.glob(f"*/{CONFIG_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    runs = []
+    for config_path in configs:
+        run_dir = config_path.parent
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            losses = read_losses(run_dir)
+            cmmd_path = run_dir / CMMD_FILE
+            runs.append(RunInfo(
+                path=run_dir,
+                method=config["method"],
+                base=config["base"],
+                images=config["dataset"]["images"],
+                steps=len(losses),
+                final_loss=losses[-1][1] if losses else None,
+                finished=(run_dir / LORA_FILE).is_file(),
+                resumable=(run_dir / CHECKPOINT_FILE).is_file(),
+                cmmd=json.loads(cmmd_path.read_text(encoding="utf-8")) if cmmd_path.is_file() else None,
+            ))
+        except (OSError, ValueError, KeyError) as e:  # a folder being written or from elsewhere: list the rest
+            log.warning("skipping %s: %s", run_dir, e)
+    return runs
+
+
+def resolve_run(runs_dir: str | Path, name: str) -> Path:
+    """Return the folder of run `name` under `runs_dir`; raises ValueError for anything that is not such a run.
+
+    Names come from the page or the API, so a name that would leave `runs_dir` is refused.
+    """
+    path = Path(runs_dir) / name
+    if not name or PurePosixPath(name).name != name or name in (".", "..") or not (path / CONFIG_FILE).is_file():
+        raise ValueError(f"no run named {name!r} in {runs_dir}")
+    return path
+
+
+def read_losses(run_dir: str | Path) -> list[tuple[int, float]]:
+    """Return (step, loss) rows of a run's losses.csv; empty when there is none yet."""
+    path = Path(run_dir) / LOSSES_FILE
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(f)]
+
+
+def read_selections(run_dir: str | Path | None) -> list[dict]:
+    """Return a LoRA-Over MPOP/MPOR run's selection log (step, group, layer, matrix, score); empty for others."""
+    path = Path(run_dir) / SELECTION_FILE if run_dir is not None else None
+    if path is None or not path.is_file():
+        return []
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets from uploads
+
+
+@dataclass
+class DatasetView:
+    """A dataset folder as the page shows it: usable images with their captions, and what was rejected."""
+
+    root: Path
+    rows: list[tuple[Path, str]]
+    """(image, caption) for every usable image."""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(file, reason) for every uploaded file that is not used."""
+
+    @property
+    def uncaptioned(self) -> int:
+        """How many images have an empty caption."""
+        return sum(1 for _, caption in self.rows if not caption)
+
+
+def import_upload(files: Sequence[str | Path], datasets_dir: str | Path) -> DatasetView:
+    """Build a new dataset folder under `datasets_dir` from uploaded files and return its view.
+
+    Reads images (png/jpg/jpeg/webp) with same-name `.txt` captions or a `metadata.jsonl`, and `.zip` files of
+    either, each with `scan_dataset` (which refuses unsafe zips and names every file it does not use). Loose
+    images without a caption get an empty one, to be typed in the page; inside a zip the captions must be
+    complete. Every usable image is stored with a `.txt` caption, whatever form it came in, so captions are
+    edited one way. Raises UploadRejected, listing every file and why, when nothing is usable.
+    """
+    root = _claim_dir(Path(datasets_dir) / f"upload-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    view = DatasetView(root, [])
+    with tempfile.TemporaryDirectory(prefix="opdiff-upload-") as staging_dir:
+        loose = Path(staging_dir) / "files"
+        loose.mkdir()
+        for k, upload in enumerate(map(Path, files)):
+            if upload.suffix.lower() == ".zip":
+                _add_scanned(view, upload, f"{upload.name}: ", extract_to=Path(staging_dir) / f"zip-{k}")
+            else:  # scan_dataset names whatever is not an image, a caption or metadata.jsonl
+                shutil.copy(upload, loose / upload.name)
+        if any(loose.iterdir()):
+            _add_scanned(view, loose, "", caption="")
+    if not view.rows:
+        shutil.rmtree(root)
+        detail = "; ".join(f"{n}: {r}" for n, r in view.skipped) or "no files"
+        raise UploadRejected(f"nothing usable in the upload ({detail})", view.skipped)
+    (root / REJECTED_FILE).write_text(json.dumps(view.skipped, indent=2), encoding="utf-8")
+    return view
+
+
+def _add_scanned(view: DatasetView, source: Path, prefix: str, **scan_options: object) -> None:
+    """Scan `source` (folder or zip) with `scan_dataset` and copy its usable images, with `.txt` captions, into
+    the dataset of `view`; add them and the rejected entries (names prefixed with `prefix`) to `view`."""
+    try:
+        dataset = scan_dataset(source, **scan_options)
+    except ValueError as e:  # a refused zip, or nothing usable in it
+        view.skipped.append((prefix.removesuffix(": ") or source.name, str(e)))
+        return
+    view.skipped += [(prefix + name, reason) for name, reason in dataset.skipped]
+    for ex in dataset.examples:
+        target = view.root / ex.path.name
+        caption_file = target.with_suffix(CAPTION_EXTENSION)
+        if target.exists() or caption_file.exists():
+            view.skipped.append((prefix + ex.path.name, "an image of this name is already in the dataset"))
+            continue
+        shutil.copy(ex.path, target)
+        caption_file.write_text(ex.caption, encoding="utf-8")
+        view.rows.append((target, ex.caption))
+
+
+def open_dataset(root: str | Path) -> DatasetView:
+    """Return the view of a dataset folder: its usable images and captions, and what was rejected (at upload
+    time and now). Raises ValueError when it holds no usable image."""
+    root = Path(root)
+    dataset = scan_dataset(root)
+    rejected_path = root / REJECTED_FILE
+    rejected = [tuple(r) for r in json.loads(rejected_path.read_text(encoding="utf-8"))] if rejected_path.is_file() else []
+    return DatasetView(root, [(ex.path, ex.caption) for ex in dataset.examples], rejected + dataset.skipped)
+
+
+def save_captions(root: str | Path, captions: Sequence[tuple[str, str]]) -> DatasetView:
+    """Write (image file name, caption) pairs as the images' `.txt` captions in dataset folder `root`; return
+    the updated view. Raises ValueError for a name that is not an image of the dataset."""
+    root = Path(root)
+    if (root / METADATA_FILE).is_file():
+        raise ValueError(f"{root} takes its captions from {METADATA_FILE}; edit that file instead")
+    images = {p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+    for name, caption in captions:
+        if name not in images:
+            raise ValueError(f"{name!r} is not an image of dataset {root.name}")
+        (root / name).with_suffix(CAPTION_EXTENSION).write_text(str(caption).strip(), encoding="utf-8")
+    return open_dataset(root)
+
+
+def list_datasets(datasets_dir: str | Path) -> list[Path]:
+    """Return the uploaded dataset folders under `datasets_dir`, newest first."""
+    datasets_dir = Path(datasets_dir)
+    if not datasets_dir.is_dir():
+        return []
+    return sorted((p for p in datasets_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compare and evaluate
+
+
+@dataclass
+class Comparison:
+    """Base and adapted images on the same prompts and seeds."""
+
+    grid: Path
+    """The whole grid as one PNG (what `opdiff sample` writes)."""
+    titles: list[str]
+    """Column titles: "base", then one per run."""
+    rows: list[tuple[str, list[Image.Image]]]
+    """Per prompt x seed: its label and one image per column."""
+
+
+def compare_runs(
+    run_dirs: Sequence[Path],
+    out_dir: str | Path,
+    prompts: Sequence[str] = (),
+    seeds: Sequence[int] = (0,),
+    steps: int | None = None,
+    base: str | None = None,
+) -> Comparison:
+    """Render base and each run's LoRA on the same prompts, seeds and initial noise; return the images.
+
+    All runs must share one base model; with no runs, `base` alone is rendered. Prompts default to the first
+    run's sample prompts. The grid is written to `out_dir/compare-<time>.png`.
+    """
+    configs = [json.loads((Path(r) / CONFIG_FILE).read_text(encoding="utf-8")) for r in run_dirs]
+    bases = {c["base"] for c in configs} | ({base} if base else set())
+    if len(bases) != 1:
+        raise ValueError(f"runs to compare must share one base model; these use {', '.join(sorted(bases)) or 'none'}")
+    missing = [Path(r).name for r in run_dirs if not (Path(r) / LORA_FILE).is_file()]
+    if missing:
+        raise ValueError(f"run(s) {', '.join(missing)} have no {LORA_FILE} yet (still training or failed)")
+    prompts = list(prompts) or (configs[0]["train"]["sample_prompts"] if configs else [])
+    grid_path = Path(out_dir) / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.png"
+    grid_path = sample(bases.pop(), prompts or None, list(seeds), grid_path,
+                       loras=[Path(r) / LORA_FILE for r in run_dirs], steps=steps)
+    titles = ["base"] + [Path(r).name for r in run_dirs]
+    labels = [f"seed {seed}: {prompt}" for prompt in (prompts or DEFAULT_PROMPTS) for seed in seeds]
+    return Comparison(grid_path, titles, _cut_grid(grid_path, len(titles), labels))
+
+
+def _cut_grid(grid_path: Path, columns: int, labels: list[str]) -> list[tuple[str, list[Image.Image]]]:
+    """Cut a `pipelines.sample` grid back into its cells: below a title strip, each row is a label strip over
+    one square cell per column."""
+    with Image.open(grid_path) as grid:
+        grid.load()
+    cell = grid.width // columns
+    rows = []
+    for r, label in enumerate(labels):
+        top = LABEL_HEIGHT + r * (LABEL_HEIGHT + cell) + LABEL_HEIGHT
+        rows.append((label, [grid.crop((c * cell, top, (c + 1) * cell, top + cell)) for c in range(columns)]))
+    return rows
+
+
+@functools.lru_cache(maxsize=2)
+def cached_embedder(clip_model: str | None, clip_checkpoint: str | None) -> ClipEmbedder:
+    """Return `pipelines.evaluate.load_embedder(clip_model, clip_checkpoint)`, loaded once per process (the
+    reference CLIP takes seconds to build)."""
+    return load_embedder(clip_model, clip_checkpoint)
+
+
+def load_snippet(run_dir: str | Path, lora_file: str | Path) -> str:
+    """Return Python code that loads `lora_file` into the run's base model with diffusers and renders a sample."""
+    config = json.loads((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    base, prompts = config["base"], config["train"]["sample_prompts"]
+    loader = "from_single_file" if Path(base).is_file() else "from_pretrained"
+    prompt = prompts[0] if prompts else DEFAULT_PROMPTS[0]
+    return (
+        "import torch\n"
+        "from diffusers import StableDiffusionXLPipeline\n\n"
+        f"pipe = StableDiffusionXLPipeline.{loader}({base!r}, dtype=torch.float16).to(\"cuda\")\n"
+        f"pipe.load_lora_weights({Path(lora_file).name!r})  # the downloaded file\n"
+        f"image = pipe({prompt!r}).images[0]\n"
+        "image.save(\"sample.png\")\n"
+    )

@@ -1,0 +1,204 @@
+"""`opdiff cmmd` and `opdiff eval`: CMMD of two folders, and a run scored by op-lora.txt Sec. 4.1.
+
+CLIP here is the tiny random-weight model behind `--clip-model tiny-random`: its numbers mean nothing, but every
+step of the protocol (generation, file layout, embedding, CMMD, labels) runs for real.
+"""
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metrics import ClipEmbedder
+from pipelines.cli import main
+from pipelines.config import TrainConfig
+from pipelines.data import scan_dataset
+from pipelines.evaluate import (
+    CMMD_FILE,
+    TINY_RANDOM,
+    cmmd_dirs,
+    evaluate_run,
+    generate_for_captions,
+    load_embedder,
+    trust_label,
+)
+from pipelines.model import load_pipeline
+from pipelines.train import train
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+N_IMAGES = 4
+TINY = ["--clip-model", TINY_RANDOM]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, bundled_data: Path) -> Path:
+    """A finished run: LoRA trained for 2 steps on the first 4 bundled images (large lr, so the adapter shows)."""
+    data = tmp_path_factory.mktemp("data")
+    for image in sorted(bundled_data.glob("*.png"))[:N_IMAGES]:
+        shutil.copy(image, data / image.name)
+        shutil.copy(image.with_suffix(".txt"), data / image.with_suffix(".txt").name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(TrainConfig(data=data, output_dir=tmp_path_factory.mktemp("run"), max_steps=2, lr=1e-2))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory, bundled_data: Path) -> tuple[Path, Path]:
+    """Two folders of 5 bundled images each, no image in both."""
+    images = sorted(bundled_data.glob("*.png"))
+    a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
+    for image in images[:5]:
+        shutil.copy(image, a / image.name)
+    for image in images[-5:]:
+        shutil.copy(image, b / image.name)
+    return a, b
+
+
+@pytest.fixture
+def empty_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CLIP weights anywhere: every cache the loader looks in points into an empty tmp folder, offline."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _printed_cmmd(out: str) -> float:
+    match = re.search(r"^CMMD: (\S+)", out, re.MULTILINE)
+    assert match, f"no CMMD line in {out!r}"
+    return float(match.group(1))
+
+
+# --- opdiff eval ------------------------------------------------------------------------------------------------
+
+
+def test_eval_writes_cmmd_json_and_one_image_per_caption(run_dir, capsys):
+    assert main(["eval", str(run_dir), *TINY, "--steps", "2", "--base-too"]) == 0
+    out = capsys.readouterr().out
+    assert "UNTRUSTWORTHY: random CLIP weights" in out
+
+    result = json.loads((run_dir / CMMD_FILE).read_text())
+    assert result["cmmd"] == pytest.approx(_printed_cmmd(out), abs=1e-4)
+    assert {k: result[k] for k in ("n_images", "n_reference", "trustworthy", "steps", "seed")} == {
+        "n_images": N_IMAGES, "n_reference": N_IMAGES, "trustworthy": False, "steps": 2, "seed": 0
+    }
+    assert result["clip_model"] == load_embedder(TINY_RANDOM).model_name
+    assert math.isfinite(result["cmmd"]) and math.isfinite(result["base_cmmd"])
+
+    data = json.loads((run_dir / "config.json").read_text())["dataset"]["path"]
+    captions = [ex.caption for ex in scan_dataset(data).examples]
+    for folder in ("images", "base-images"):
+        images = sorted((run_dir / "eval" / folder).glob("*.png"))
+        assert len(images) == len(captions)
+        assert [p.with_suffix(".txt").read_text() for p in images] == captions
+        assert all(Image.open(p).size == (64, 64) for p in images)  # the run's training resolution
+    # Same caption, same seed: only the LoRA differs, so a difference shows the run's LoRA was loaded.
+    adapted = np.asarray(Image.open(run_dir / "eval" / "images" / "00000.png"), dtype=np.float32)
+    base = np.asarray(Image.open(run_dir / "eval" / "base-images" / "00000.png"), dtype=np.float32)
+    assert np.abs(adapted - base).max() > 1
+
+
+def test_evaluate_run_limit_replaces_earlier_images(run_dir):
+    images = run_dir / "eval" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(images / "stale.png")
+
+    result = evaluate_run(run_dir, load_embedder(TINY_RANDOM), steps=1, seed=3, limit=2, guidance_scale=1.0)
+    assert result == json.loads((run_dir / CMMD_FILE).read_text())
+    assert (result["n_images"], result["n_reference"], result["seed"], result["guidance_scale"]) == (2, N_IMAGES, 3, 1.0)
+    assert "base_cmmd" not in result
+    assert sorted(p.name for p in images.glob("*.png")) == ["00000.png", "00001.png"]
+
+
+def test_caption_i_is_generated_from_seed_plus_i(bundled_model, tmp_path):
+    pipe = load_pipeline(bundled_model)
+    settings = {"size": 64, "steps": 2, "guidance_scale": 1.0}
+    both = generate_for_captions(pipe, ["a cat", "a dog"], tmp_path / "both", seed=10, **settings)
+    second = generate_for_captions(pipe, ["a dog"], tmp_path / "second", seed=11, **settings)
+    np.testing.assert_array_equal(np.asarray(Image.open(both[1])), np.asarray(Image.open(second[0])))
+    assert not np.array_equal(np.asarray(Image.open(both[0])), np.asarray(Image.open(both[1])))
+
+
+# --- opdiff cmmd ------------------------------------------------------------------------------------------------
+
+
+def test_cmmd_of_a_folder_with_itself_is_zero(folders, capsys):
+    a, _ = folders
+    assert main(["cmmd", str(a), str(a), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert _printed_cmmd(out) == 0
+    assert "UNTRUSTWORTHY: random CLIP weights" in out
+    assert cmmd_dirs(a, a, load_embedder(TINY_RANDOM)) == 0
+
+
+def test_cmmd_of_different_folders_is_positive_and_symmetric(folders, tmp_path, capsys):
+    a, b = folders
+    assert main(["cmmd", str(a), str(b), *TINY, "--cache-dir", str(tmp_path / "cache")]) == 0
+    ab = capsys.readouterr().out
+    assert main(["cmmd", str(b), str(a), *TINY]) == 0
+    ba = capsys.readouterr().out
+    assert _printed_cmmd(ab) > 0
+    assert _printed_cmmd(ab) == _printed_cmmd(ba)
+    assert "5 images in" in ab
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # one embedding file per folder
+
+    embedder = load_embedder(TINY_RANDOM)
+    assert cmmd_dirs(a, b, embedder) == pytest.approx(cmmd_dirs(b, a, embedder), rel=1e-12)
+
+
+# --- no weights, wrong inputs, labels ---------------------------------------------------------------------------
+
+
+def test_cmmd_without_clip_weights_stops_with_how_to(folders, empty_caches, capsys):
+    a, b = folders
+    assert main(["cmmd", str(a), str(b)]) == 2
+    captured = capsys.readouterr()
+    assert "never falls back to random features" in captured.err
+    assert "--clip-checkpoint PATH" in captured.err
+    assert "CMMD:" not in captured.out
+
+
+def test_eval_without_clip_weights_generates_and_writes_nothing(run_dir, empty_caches, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval", CMMD_FILE))
+    assert main(["eval", str(run), "--steps", "1"]) == 2
+    assert "never falls back to random features" in capsys.readouterr().err
+    assert not (run / CMMD_FILE).exists()
+    assert not (run / "eval").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["cmmd", "{missing}", "{a}", *TINY], "not a folder"),
+        (["cmmd", "{a}", "{empty}", *TINY], "no images"),
+        (["cmmd", "{a}", "{a}", *TINY, "--clip-checkpoint", "x.safetensors"], "takes no --clip-checkpoint"),
+        (["eval", "{empty}", *TINY], "not a finished run folder: config.json is missing"),
+        (["eval", "{run}", *TINY, "--limit", "0"], "limit must be >= 1"),
+    ],
+)
+def test_cli_errors_exit_2_with_the_reason(argv, message, folders, run_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "a": folders[0], "run": run_dir}
+    assert main([arg.format(**paths) for arg in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_trust_labels():
+    assert trust_label(load_embedder(TINY_RANDOM)).startswith("UNTRUSTWORTHY: random CLIP weights")
+    other = ClipEmbedder(torch.nn.Identity(), "ViT-B-32-quickgelu", "file", 224, torch.device("cpu"))
+    assert "not the reference ViT-L-14-336-quickgelu" in trust_label(other)
+    reference = ClipEmbedder(torch.nn.Identity(), "ViT-L-14-336-quickgelu", "file", 336, torch.device("cpu"))
+    assert trust_label(reference) == ""
