@@ -405,8 +405,8 @@ def compare_runs(
 ) -> Comparison:
     """Render base and each run's LoRA on the same prompts, seeds and initial noise; return the images.
 
-    All runs must share one base model; with no runs, `base` alone is rendered. Prompts default to the first
-    run's sample prompts. The grid is written to `out_dir/compare-<time>.png`.
+    All runs must share one base model; with no runs, `base` alone is rendered. Prompts and steps default to the
+    first run's sample settings. The grid is written to `out_dir/compare-<time>.png`.
     """
     configs = [json.loads((Path(r) / CONFIG_FILE).read_text(encoding="utf-8")) for r in run_dirs]
     bases = {c["base"] for c in configs} | ({base} if base else set())
@@ -415,7 +415,8 @@ def compare_runs(
     missing = [Path(r).name for r in run_dirs if not (Path(r) / LORA_FILE).is_file()]
     if missing:
         raise ValueError(f"run(s) {', '.join(missing)} have no {LORA_FILE} yet (still training or failed)")
-    prompts = list(prompts) or (configs[0]["train"]["sample_prompts"] if configs else [])
+    first = configs[0]["train"] if configs else {}
+    prompts, steps = list(prompts) or first.get("sample_prompts", []), steps or first.get("sample_steps")
     grid_path = Path(out_dir) / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.png"
     grid_path = sample(bases.pop(), prompts or None, list(seeds), grid_path,
                        loras=[Path(r) / LORA_FILE for r in run_dirs], steps=steps)
