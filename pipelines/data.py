@@ -45,7 +45,7 @@ MAX_ZIP_BYTES = 8 << 30
 MAX_ZIP_RATIO = 100
 """Largest uncompressed / compressed ratio of one zip member; images barely compress, zip bombs compress ~1000:1."""
 ZIP_RATIO_FLOOR = 1 << 20
-"""Members smaller than this (1 MiB uncompressed) are not ratio-checked: small text files compress well legitimately."""
+"""Members below this (1 MiB uncompressed) are not ratio-checked: small text files compress well, legitimately."""
 EXTRACTED_MARKER = ".opdiff-extracted"
 
 # SDXL's recommended resolutions (width, height) at 1024 px: the nine aspect ratios its multi-aspect
@@ -71,7 +71,7 @@ class Example:
 
 @dataclass
 class Dataset:
-    """The usable examples of a dataset folder, the files that were skipped or converted and why, and a content hash."""
+    """A dataset's usable examples, the files skipped or converted and why, and a content hash."""
 
     root: Path
     examples: list[Example]

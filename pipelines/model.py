@@ -42,7 +42,8 @@ def load_pipeline(
     # Per-component dtypes where diffusers supports them: a 16-bit base never holds a float32 copy in memory.
     dtypes = {"default": dtype, "vae": torch.float32}
     if path.is_dir():
-        attempts = [("diffusers folder", lambda: StableDiffusionXLPipeline.from_pretrained(path, dtype=dtypes, **kwargs))]
+        attempts = [("diffusers folder",
+                     lambda: StableDiffusionXLPipeline.from_pretrained(path, dtype=dtypes, **kwargs))]
     elif path.is_file():
         # from_single_file takes one dtype: load float32 and cast, so the VAE keeps its full precision.
         attempts = [("single-file checkpoint", lambda: StableDiffusionXLPipeline.from_single_file(

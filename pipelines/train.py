@@ -131,7 +131,8 @@ def encode_dataset(pipe: StableDiffusionXLPipeline, dataset: Dataset, resolution
 
 
 def _text_identity(pipe: StableDiffusionXLPipeline) -> str:
-    tokenizers = ":".join(f"{type(t).__name__}/{len(t)}/{t.model_max_length}" for t in (pipe.tokenizer, pipe.tokenizer_2))
+    tokenizers = ":".join(f"{type(t).__name__}/{len(t)}/{t.model_max_length}"
+                          for t in (pipe.tokenizer, pipe.tokenizer_2))
     return fingerprint(pipe.text_encoder, pipe.text_encoder_2) + tokenizers
 
 
@@ -200,9 +201,10 @@ class TrainingData:
             region, bucket = self.regions[i], self.buckets[i]
             flip = self.flip and bool(torch.randint(2, (1,), generator=rng))
             top, left = region.top, region.left
-            if self.random_crop:
-                top += self.grid * int(torch.randint((region.size[0] - bucket[0]) // self.grid + 1, (1,), generator=rng))
-                left += self.grid * int(torch.randint((region.size[1] - bucket[1]) // self.grid + 1, (1,), generator=rng))
+            if self.random_crop:  # any grid position whose crop stays inside the region
+                rows, cols = ((r - b) // self.grid + 1 for r, b in zip(region.size, bucket, strict=True))
+                top += self.grid * int(torch.randint(rows, (1,), generator=rng))
+                left += self.grid * int(torch.randint(cols, (1,), generator=rng))
             views.append(View(region.original, region.resized, top, left, bucket, flip))
         return views
 
@@ -282,7 +284,8 @@ class TrainingData:
                 hits += 1
             self.texts[caption] = (entry["prompt_embeds"], entry["pooled"])
         if cache_dir is not None:
-            log.info("latent/text cache %s: %d of %d entries found", cache_dir, hits, len(self.latents) + len(self.texts))
+            log.info("latent/text cache %s: %d of %d entries found", cache_dir, hits,
+                     len(self.latents) + len(self.texts))
 
     def _move_encoders(self, device: str) -> None:
         for module in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
@@ -478,7 +481,7 @@ def train(
                 loss, chosen = training_step(unet, optimizer, noise_scheduler, batch, noise, timesteps.to(device),
                                              step, autocast_dtype, eval_loss, scaler)
             except FloatingPointError as e:
-                kept = f"its last checkpoint (step {saved}) is kept in {run_dir}" if saved else "no checkpoint was saved"
+                kept = f"its last checkpoint (step {saved}) is kept in {run_dir}" if saved else "nothing was saved"
                 raise FloatingPointError(f"{e}: the run stopped and {kept}; lower --lr or use --mixed-precision no"
                                          ) from None
             losses.append(loss)

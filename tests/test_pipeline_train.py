@@ -1,4 +1,5 @@
-"""Training on the bundled tiny SDXL: every method lowers the loss, never touches the base, writes its run files."""
+"""Training on the bundled tiny SDXL: every method lowers the loss, never touches the base, writes its run files;
+the latent cache, aspect-ratio buckets, mixed precision, gradient checkpointing and the VAE override."""
 
 from __future__ import annotations
 
@@ -6,19 +7,30 @@ import csv
 import json
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from PIL import Image
 from safetensors.torch import load_file
 
 import opdiff
 from pipelines.cli import build_parser
 from pipelines.config import TrainConfig, config_from_args, field_docs
-from pipelines.data import scan_dataset
-from pipelines.model import load_pipeline
-from pipelines.train import diffusion_loss, encode_dataset, train, training_step
+from pipelines.data import View, center_view, load_view, scan_dataset
+from pipelines.model import fingerprint, load_pipeline
+from pipelines.train import (
+    TrainingData,
+    diffusion_loss,
+    encode_dataset,
+    encode_image,
+    epoch_batches,
+    train,
+    training_step,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -59,7 +71,7 @@ def test_train_writes_run_files_and_leaves_base_untouched(method, bundled_model,
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert all(0.0 < float(r["loss"]) < 10.0 for r in rows)
     assert [e["step"] for e in events] == [1, 2, 3] and {e["total"] for e in events} == {3}
-    assert set(events[0]) == {"step", "total", "loss", "it_s", "eta_s"} and events[-1]["eta_s"] == 0.0
+    assert set(events[0]) == {"step", "total", "loss", "it_s", "eta_s", "selected"} and events[-1]["eta_s"] == 0.0
     assert (run_dir / "adapter_training.safetensors").is_file() and (run_dir / "lora.safetensors").is_file()
     if method in SELECTING:
         assert json.loads((run_dir / "selection.json").read_text()), "selection chose nothing"
@@ -91,11 +103,15 @@ def test_training_on_a_fixed_batch_lowers_its_loss(method, bundled_model, demo_s
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_and_exports_float32(precision, bundled_model, demo_subset, tmp_path):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    pipe = load_pipeline(bundled_model, dtype=dtype, device="cpu")
+    assert (pipe.unet.dtype, pipe.text_encoder_2.dtype, pipe.vae.dtype) == (dtype, dtype, torch.float32)
     cfg = TrainConfig(data=demo_subset(1), output_dir=tmp_path / "run", method="op-lora", max_steps=2,
                       mixed_precision=precision)
-    run_dir = train(cfg)
+    run_dir = train(cfg, pipe=pipe)
     losses = [float(line.split(",")[1]) for line in (run_dir / "losses.csv").read_text().splitlines()[1:]]
     assert len(losses) == 2 and all(0.0 < x < 10.0 for x in losses)
+    assert {v.dtype for v in load_file(run_dir / "adapter_training.safetensors").values()} == {torch.float32}
     assert {v.dtype for v in load_file(run_dir / "lora.safetensors").values()} == {torch.float32}
 
 
@@ -206,3 +222,209 @@ def test_unloadable_base_names_what_was_tried(tmp_path):
         load_pipeline(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="as a hub id"):
         load_pipeline("no-such-org/no-such-model")
+
+
+def _counting(module: torch.nn.Module, method: str | None = None) -> list[int]:
+    """Count calls of `module` (a forward hook) or of its `method` (wrapped on this instance only)."""
+    calls = []
+    if method is None:
+        module.register_forward_hook(lambda *args: calls.append(1))
+        return calls
+    original = getattr(module, method)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(module, method, counted)
+    return calls
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_cached_and_uncached_batches_give_the_same_loss(flip, bundled_model, demo_subset):
+    pipe = load_pipeline(bundled_model, device="cpu")
+    dataset = scan_dataset(demo_subset(3))
+    settings = {"resolution": 64, "flip": flip}
+    cached = TrainingData(pipe, dataset, TrainConfig(cache_latents=True, **settings), "cpu")
+    vae_calls = _counting(pipe.vae, "encode")
+    uncached = TrainingData(pipe, dataset, TrainConfig(cache_latents=False, **settings), "cpu")
+    index = [2, 0, 1]
+    views = cached.views(index, torch.Generator().manual_seed(3))
+    assert uncached.views(index, torch.Generator().manual_seed(3)) == views
+    assert any(v.flip for v in views) == flip
+    a, b = cached.batch(index, views), uncached.batch(index, views)
+    assert len(vae_calls) == 3  # the uncached path encoded this batch; the cached one only sliced
+    for name in ("latents", "prompt_embeds", "pooled", "time_ids"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise, t = torch.randn(a.latents.shape, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        loss_a, loss_b = (diffusion_loss(pipe.unet, scheduler, x, noise, t).item() for x in (a, b))
+    assert loss_a == loss_b
+
+
+def test_uncached_training_follows_the_cached_loss_curve(bundled_model, demo_subset, tmp_path):
+    data = demo_subset(2)
+
+    def losses(cache_latents: bool) -> list[float]:
+        events = []
+        train(TrainConfig(data=data, output_dir=tmp_path / str(cache_latents), max_steps=3, flip=True,
+                          cache_latents=cache_latents), on_event=events.append)
+        return [e["loss"] for e in events]
+
+    assert losses(True) == losses(False)
+
+
+def test_disk_cache_is_hit_on_the_second_run(bundled_model, demo_subset, tmp_path):
+    data, cache = demo_subset(2), tmp_path / "cache"
+    runs = []
+    for name in ("first", "second"):
+        pipe = load_pipeline(bundled_model, device="cpu")
+        vae_calls = _counting(pipe.vae, "encode")
+        text_calls = [_counting(pipe.text_encoder), _counting(pipe.text_encoder_2)]
+        events = []
+        train(TrainConfig(data=data, output_dir=tmp_path / name, max_steps=2, flip=True, cache_dir=cache),
+              on_event=events.append, pipe=pipe)
+        runs.append((len(vae_calls), sum(map(len, text_calls)), [e["loss"] for e in events]))
+    (first_vae, first_text, first_losses), (second_vae, second_text, second_losses) = runs
+    assert (first_vae, first_text) == (4, 4)  # two images, each also mirrored; two captions, two text encoders
+    assert (second_vae, second_text) == (0, 0)
+    assert second_losses == first_losses
+    assert len(list((cache / "latents").glob("*.safetensors"))) == 2
+    assert len(list((cache / "text").glob("*.safetensors"))) == 2
+
+
+def test_cache_key_follows_image_content_and_model_weights(bundled_model, demo_subset, tmp_path):
+    data, cache = demo_subset(1), tmp_path / "cache"
+    pipe = load_pipeline(bundled_model, device="cpu")
+    cfg = TrainConfig(resolution=64, cache_dir=cache)
+    TrainingData(pipe, scan_dataset(data), cfg, "cpu")
+    with torch.no_grad():
+        pipe.vae.encoder.conv_in.weight.mul_(1.01)  # another VAE: its latents must not be reused
+    calls = _counting(pipe.vae, "encode")
+    TrainingData(pipe, scan_dataset(data), cfg, "cpu")
+    assert len(calls) == 1 and len(list((cache / "latents").glob("*"))) == 2
+
+
+def _mixed_aspect_data(folder: Path) -> dict[str, tuple[int, int]]:
+    """Six images of four aspect ratios (two square, two wide, a tall one, a 4:3 one); returns name -> (w, h)."""
+    folder.mkdir()
+    sizes = {"square": (64, 64), "wide": (160, 64), "tall": (64, 160), "photo": (120, 90), "square2": (96, 96),
+             "wide2": (150, 70)}
+    for k, (name, size) in enumerate(sizes.items()):
+        pixels = torch.rand(size[1], size[0], 3, generator=torch.Generator().manual_seed(k)) * 255
+        Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a {name} image")
+    return sizes
+
+
+def test_mixed_aspect_ratios_train_in_single_shape_batches_with_matching_time_ids(bundled_model, tmp_path,
+                                                                                    monkeypatch):
+    sizes = _mixed_aspect_data(tmp_path / "data")
+    seen = []
+
+    def recording_loss(unet, scheduler, batch, *args, **kwargs):
+        seen.append((batch.latents.clone(), batch.time_ids.clone()))
+        return diffusion_loss(unet, scheduler, batch, *args, **kwargs)
+
+    monkeypatch.setattr("pipelines.train.diffusion_loss", recording_loss)
+    pipe = load_pipeline(bundled_model, device="cpu")
+    train(TrainConfig(data=tmp_path / "data", output_dir=tmp_path / "run", batch_size=2, epochs=2, flip=True),
+          pipe=pipe)
+
+    assert len(seen) == 2 * 4  # per epoch: one batch each of 2 square, 2 wide, 1 tall, 1 photo (4:3) images
+    assert len({tuple(latents.shape[2:]) for latents, _ in seen}) == 4  # four buckets, each its own batch shape
+    paths = {(h, w): tmp_path / "data" / f"{name}.png" for name, (w, h) in sizes.items()}
+    flips = set()
+    for latents, time_ids in seen:
+        assert (time_ids[:, 4:6] == torch.tensor(latents.shape[2:]) * 8).all()  # target size = the batch's shape
+        for latent, ids in zip(latents, time_ids.int().tolist(), strict=True):
+            original, (top, left), target = tuple(ids[0:2]), ids[2:4], tuple(ids[4:6])
+            resized = center_view(original, target).resized
+            # The time ids name the crop of the (maybe mirrored) resized image that the latent encodes.
+            candidates = {False: View(original, resized, top, left, target),
+                          True: View(original, resized, top, resized[1] - left - target[1], target, flip=True)}
+            matches = [f for f, v in candidates.items() if torch.equal(encode_image(pipe, paths[original], v), latent)]
+            assert matches, (original, ids)
+            flips.update(matches)
+    assert flips == {False, True}
+
+
+def test_random_crops_slice_the_cached_latent_where_the_view_lies(bundled_model, tmp_path, monkeypatch):
+    """With a local stand-in for the VAE (8x8 mean pooling), a slice of the region's latent must equal the
+    encoding of the crop itself: this pins down the slicing arithmetic, flips included."""
+    _mixed_aspect_data(tmp_path / "data")
+
+    def pooled(pipe, path, view):  # (4, h/8, w/8): RGB means per 8x8 cell, and a zero channel
+        pixels = F.avg_pool2d(load_view(path, view)[None], 8)[0]  # (3, h/8, w/8)
+        return torch.cat([pixels, torch.zeros_like(pixels[:1])])
+
+    monkeypatch.setattr("pipelines.train.encode_image", pooled)
+    pipe = load_pipeline(bundled_model, device="cpu")
+    dataset = scan_dataset(tmp_path / "data")
+    cfg = TrainConfig(resolution=64, random_crop=True, flip=True, buckets=False)  # square crops: lots of slack
+    cached = TrainingData(pipe, dataset, cfg, "cpu")
+    uncached = TrainingData(pipe, dataset, replace(cfg, cache_latents=False), "cpu")
+    rng = torch.Generator().manual_seed(0)
+    offsets = set()
+    for _ in range(6):
+        for index in epoch_batches(cached.buckets, 1, seed=0, epoch=0):
+            views = cached.views(index, rng)
+            offsets.add((views[0].top, views[0].left, views[0].flip))
+            a, b = cached.batch(index, views).latents[:, :3], uncached.batch(index, views).latents[:, :3]
+            assert torch.allclose(a, b, atol=1e-5), views
+    assert len(offsets) > 10  # crops really moved, both flipped and not
+
+
+def test_epoch_batches_group_by_bucket_and_cover_every_image():
+    buckets = ["a", "b", "a", "a", "c", "b", "a"]
+    for epoch in range(3):
+        batches = epoch_batches(buckets, 2, seed=0, epoch=epoch)
+        assert sorted(i for b in batches for i in b) == list(range(7))
+        assert all(len({buckets[i] for i in b}) == 1 and len(b) <= 2 for b in batches)
+        assert epoch_batches(buckets, 2, seed=0, epoch=epoch) == batches  # a function of (seed, epoch) alone
+    assert epoch_batches(buckets, 2, 0, 0) != epoch_batches(buckets, 2, 0, 1)
+
+
+def test_gradient_checkpointing_gives_the_same_training(bundled_model, demo_subset, tmp_path):
+    data = demo_subset(2)
+
+    def losses(checkpointing: bool) -> list[float]:
+        events = []
+        train(TrainConfig(data=data, output_dir=tmp_path / str(checkpointing), method="op-lora", max_steps=3, lr=1e-2,
+                          gradient_checkpointing=checkpointing), on_event=events.append)
+        return [e["loss"] for e in events]
+
+    assert losses(True) == pytest.approx(losses(False), rel=1e-5)
+
+
+def test_vae_override_replaces_the_base_vae(bundled_model, tmp_path):
+    base = load_pipeline(bundled_model, device="cpu")
+    with torch.no_grad():
+        base.vae.decoder.conv_out.bias.add_(0.5)
+    base.vae.save_pretrained(tmp_path / "my-vae")
+    pipe = load_pipeline(bundled_model, dtype=torch.bfloat16, device="cpu", vae=tmp_path / "my-vae")
+    assert pipe.vae.dtype == torch.float32 and pipe.unet.dtype == torch.bfloat16
+    assert torch.equal(pipe.vae.decoder.conv_out.bias, base.vae.decoder.conv_out.bias)
+    original = load_pipeline(bundled_model, device="cpu").vae
+    assert fingerprint(pipe.vae) == fingerprint(base.vae) != fingerprint(original)
+    assert load_pipeline(bundled_model, device="cpu", vae=bundled_model).vae.decoder.conv_out.bias.abs().max() < 10
+    with pytest.raises(ValueError, match="could not load a VAE from .*no-such-vae"):
+        load_pipeline(bundled_model, device="cpu", vae=tmp_path / "no-such-vae")
+
+
+def test_hub_id_offline_says_how_to_get_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set.*hf download some-org/some-sdxl"):
+        load_pipeline("some-org/some-sdxl")
+
+
+def test_cli_boolean_flags(tmp_path):
+    parse = build_parser().parse_args
+    cfg = config_from_args(parse(["train", "--random-crop", "--flip", "--no-buckets", "--gradient-checkpointing"]))
+    assert (cfg.random_crop, cfg.flip, cfg.buckets, cfg.gradient_checkpointing) == (True, True, False, True)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"random_crop": True, "cache_latents": False}))
+    cfg = config_from_args(parse(["train", "--config", str(path), "--center-crop", "--cache-latents"]))
+    assert (cfg.random_crop, cfg.cache_latents) == (False, True)
+    assert TrainConfig().random_crop is False and TrainConfig().buckets is True

@@ -1,0 +1,213 @@
+"""Checkpoints and resuming: an interrupted run, resumed, is the uninterrupted run, step for step and bit for bit.
+
+Interruptions: a shorter `max_steps`, `should_stop` from a background thread (as the GUI stops), Ctrl-C. The runs
+use random crops and flips, so the restored generator state is exercised, and cross an epoch boundary after the
+interruption. lora-over-mpor is interrupted between two of its selection rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pipelines.train
+from pipelines.cli import build_parser
+from pipelines.config import TrainConfig, config_from_args, resume_config
+from pipelines.train import CHECKPOINT_FILE, train
+
+RESUME_METHODS = ["lora", "op-lora", "lora-over-mpor"]
+STEPS, HALF = 4, 2  # 3 images, batch 1: the second half starts mid-epoch and crosses into the next epoch
+# MPOR: one matrix per group at steps 1, 2 and 3, so the interruption at step 2 falls between selection rounds.
+SETTINGS = {"max_steps": STEPS, "lr": 1e-3, "random_crop": True, "flip": True, "select_every": 1,
+            "select_top_n": 3, "select_split": 3}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, bundled_data) -> Path:
+    """A module-wide folder with 3 demo images (`data/`) and a latent cache shared by every run here."""
+    root = tmp_path_factory.mktemp("resume")
+    (root / "data").mkdir()
+    for image in sorted(bundled_data.glob("*.png"))[:3]:
+        shutil.copy(image, root / "data" / image.name)
+        shutil.copy(image.with_suffix(".txt"), root / "data" / image.with_suffix(".txt").name)
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see conftest.single_thread; module-scoped here because the runs are
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(workdir: Path, name: str, method: str, **changes) -> TrainConfig:
+    return TrainConfig(data=workdir / "data", output_dir=workdir / name, method=method, cache_dir=workdir / "cache",
+                       **{**SETTINGS, **changes})
+
+
+def _train(cfg: TrainConfig, **kwargs) -> list[dict]:
+    events = []
+    train(cfg, on_event=events.append, **kwargs)
+    return events
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir) -> dict[str, tuple[Path, list[dict]]]:
+    """Per method: the run folder and events of STEPS steps in one go."""
+    return {m: (workdir / f"full-{m}", _train(_run(workdir, f"full-{m}", m))) for m in RESUME_METHODS}
+
+
+def _assert_same_run(run_dir: Path, events: list[dict], reference: tuple[Path, list[dict]]) -> None:
+    ref_dir, ref_events = reference
+    assert [e["step"] for e in events] == list(range(1, STEPS + 1))
+    assert [e["loss"] for e in events] == [e["loss"] for e in ref_events]  # exact: same floats
+    for name in ("losses.csv", "selection.json"):
+        assert (run_dir / name).exists() == (ref_dir / name).exists()
+        if (ref_dir / name).exists():
+            assert (run_dir / name).read_text() == (ref_dir / name).read_text(), name
+    for name in ("adapter_training.safetensors", "lora.safetensors"):
+        mine, theirs = load_file(run_dir / name), load_file(ref_dir / name)
+        assert mine.keys() == theirs.keys()
+        for key in theirs:
+            assert torch.equal(mine[key], theirs[key]), (name, key)
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def _checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("method", RESUME_METHODS)
+def test_resume_after_max_steps_continues_the_same_run(method, workdir, uninterrupted):
+    first = _train(_run(workdir, f"steps-{method}", method, max_steps=HALF))
+    checkpoint = _checkpoint(workdir / f"steps-{method}")
+    assert checkpoint["step"] == HALF and len(checkpoint["losses"]) == HALF
+    if method == "lora-over-mpor":
+        chosen = json.loads((workdir / f"steps-{method}" / "selection.json").read_text())
+        assert {row["step"] for row in chosen} == {1, 2}  # selection happened before the interruption ...
+    second = _train(resume_config(workdir / f"steps-{method}", max_steps=STEPS))
+    _assert_same_run(workdir / f"steps-{method}", first + second, uninterrupted[method])
+    if method == "lora-over-mpor":
+        chosen = json.loads((workdir / f"steps-{method}" / "selection.json").read_text())
+        assert {row["step"] for row in chosen} == {1, 2, 3}  # ... and went on after it
+
+
+@pytest.mark.parametrize("method", RESUME_METHODS)
+def test_resume_after_should_stop_from_a_background_thread(method, workdir, uninterrupted):
+    events, errors = [], []
+    cfg = _run(workdir, f"stop-{method}", method)
+
+    def worker() -> None:  # as the GUI runs it: signal handlers cannot be installed here, should_stop is the way
+        try:
+            train(cfg, on_event=events.append, should_stop=lambda: len(events) >= HALF)
+        except Exception as e:  # noqa: BLE001 - reported to the test below
+            errors.append(e)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert not errors and [e["step"] for e in events] == [1, 2]
+    assert _checkpoint(workdir / f"stop-{method}")["step"] == HALF
+    assert (workdir / f"stop-{method}" / "lora.safetensors").is_file()  # a stopped run still leaves its LoRA
+    events += _train(resume_config(workdir / f"stop-{method}"))
+    _assert_same_run(workdir / f"stop-{method}", events, uninterrupted[method])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(workdir, uninterrupted, caplog):
+    events = []
+
+    def press_ctrl_c(event: dict) -> None:
+        events.append(event)
+        if event["step"] == HALF:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    train(_run(workdir, "ctrl-c", "lora"), on_event=press_ctrl_c)
+    assert [e["step"] for e in events] == [1, 2]
+    assert "SIGINT: stopping after this step" in caplog.text
+    assert f"stopped at step 2 of 4; checkpoint saved. Continue with: opdiff train --resume {workdir / 'ctrl-c'}" \
+        in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    events += _train(resume_config(workdir / "ctrl-c"))
+    _assert_same_run(workdir / "ctrl-c", events, uninterrupted["lora"])
+
+
+def test_second_ctrl_c_aborts_without_a_checkpoint(workdir):
+    def press_twice(event: dict) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_run(workdir, "abort", "lora"), on_event=press_twice)
+    assert not (workdir / "abort" / CHECKPOINT_FILE).exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monkeypatch):
+    real_loss, calls = pipelines.train.diffusion_loss, []
+
+    def loss_that_diverges(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr("pipelines.train.diffusion_loss", loss_that_diverges)
+    run_dir = workdir / "nan"
+    with pytest.raises(FloatingPointError, match=f"loss is nan at step 3: the run stopped and its last checkpoint "
+                                                 f"\\(step 2\\) is kept in {run_dir}"):
+        train(_run(workdir, "nan", "op-lora", checkpoint_every=2))
+    checkpoint = _checkpoint(run_dir)
+    assert checkpoint["step"] == 2
+    assert all(torch.isfinite(t).all() for t in checkpoint["adapter"].values())
+    assert not (run_dir / "lora.safetensors").exists() and not list(run_dir.glob("*.tmp"))
+
+
+def test_checkpoint_holds_everything_to_resume(workdir, uninterrupted):
+    checkpoint = _checkpoint(uninterrupted["lora-over-mpor"][0])
+    assert set(checkpoint) == {"format", "step", "adapter", "optimizer", "scaler", "rng", "losses", "selections",
+                               "config"}
+    assert checkpoint["step"] == STEPS
+    assert any(k.startswith("opdiff.select.") for k in checkpoint["adapter"])  # MPOR's scores and choices
+    assert {g["name"] for g in checkpoint["optimizer"]["param_groups"]} == {"adapter", "mpo"}
+    assert set(checkpoint["rng"]) == {"train", "torch"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [({"lr": 1e-2}, r"lr: 0.001 -> 0.01"), ({"method": "dora"}, "method: 'lora' -> 'dora'"),
+     ({"flip": False}, "flip: True -> False")],
+)
+def test_resume_refuses_settings_that_change_the_trajectory(changes, match, workdir, uninterrupted):
+    with pytest.raises(ValueError, match=f"cannot resume .* with other settings \\({match}\\)"):
+        train(resume_config(uninterrupted["lora"][0], **changes))
+
+
+def test_resume_refuses_changed_data_and_foreign_folders(workdir, uninterrupted, tmp_path):
+    shutil.copytree(workdir / "data", tmp_path / "data")
+    (tmp_path / "data" / "demo_00.txt").write_text("another caption")
+    with pytest.raises(ValueError, match="dataset content: hash"):
+        train(resume_config(uninterrupted["lora"][0], data=tmp_path / "data"))
+    with pytest.raises(ValueError, match="writes into its own folder"):
+        train(resume_config(uninterrupted["lora"][0], output_dir=tmp_path / "elsewhere"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {}, "opdiff_version": "0"}))
+    with pytest.raises(ValueError, match="no checkpoint.pt"):
+        train(resume_config(tmp_path / "run"))
+    with pytest.raises(ValueError, match="has no config.json"):
+        resume_config(tmp_path)
+
+
+def test_cli_resume_takes_the_run_settings_under_the_flags(uninterrupted):
+    run_dir = uninterrupted["op-lora"][0]
+    args = build_parser().parse_args(["train", "--resume", str(run_dir), "--max-steps", "8"])
+    cfg = config_from_args(args)
+    assert (cfg.resume, cfg.output_dir, cfg.method, cfg.max_steps) == (run_dir, run_dir, "op-lora", 8)
+    assert (cfg.random_crop, cfg.flip, cfg.lr) == (True, True, 1e-3)
