@@ -114,6 +114,7 @@ def decompose(
         # Both sides of the SVD have at least d_k columns/rows (Eq. 4, and max_bond only lowers later bonds),
         # so slicing to d_k never runs short.
         u, s, vh = u[:, : dims[k + 1]], s[: dims[k + 1]], vh[: dims[k + 1]]
+        u, vh = _canonical(u, vh, s > tol)
         isometries.append(u)
         spectra.append(s)
         lives.append(s > tol)
@@ -132,6 +133,32 @@ def decompose(
     last = inv_sqrt_in[:, None] * mat  # (d_{m-1}, i_m j_m)
     cores.append(last.reshape(dims[m - 1], i_f[m - 1], j_f[m - 1], 1))
     return [c.to(w.dtype) for c in cores]
+
+
+def _canonical(u: Tensor, vh: Tensor, live: Tensor) -> tuple[Tensor, Tensor]:
+    """Fix the SVD's free choices so that nearby matrices get nearby cores.
+
+    An SVD leaves each singular pair's sign free, and any orthonormal basis for the dead channels (zero singular
+    values: the bonds of Eq. 4 exceed a LoRA matrix's rank r). LAPACK picks them from rounding noise, so two
+    matrices equal to 1e-7 (e.g. the same step computed with another batch split across processes) would get
+    unrelated cores and train differently afterwards. Here each live column's largest entry is made positive, and
+    the dead columns are the Gram-Schmidt completion of the live ones from the standard basis (their rows of V^T,
+    which only ever meet a zero singular value, are zeroed).
+    """
+    n_live = int(live.sum())  # singular values come sorted, so the live channels lead
+    u, vh = u.clone(), vh.clone()
+    if n_live:
+        peak = u[:, :n_live].abs().argmax(dim=0)
+        signs = torch.sign(u[peak, torch.arange(n_live)])
+        signs[signs == 0] = 1
+        u[:, :n_live] *= signs
+        vh[:n_live] *= signs[:, None]
+    if n_live < u.shape[1]:
+        eye = torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
+        q, _ = torch.linalg.qr(torch.cat([u[:, :n_live], eye], dim=1))  # (n, n); q[:, :n_live] = +-live columns
+        u[:, n_live:] = q[:, n_live : u.shape[1]]
+        vh[n_live:] = 0
+    return u, vh
 
 
 def contract(cores: Sequence[Tensor]) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from pipelines.train import train
 
     run_dir = train(config_from_args(args))
-    print(f"run folder: {run_dir}\n  LoRA for load_lora_weights: {run_dir / 'lora.safetensors'}")
+    if int(os.environ.get("RANK", "0")) == 0:  # several processes (torchrun/accelerate): one report
+        print(f"run folder: {run_dir}\n  LoRA for load_lora_weights: {run_dir / 'lora.safetensors'}")
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:

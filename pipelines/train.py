@@ -47,6 +47,7 @@ from pipelines.data import (
     nearest_bucket,
     scan_dataset,
 )
+from pipelines.distributed import SINGLE_PROCESS, Ranks
 from pipelines.export import CONFIG_FILE, LORA_FILE, TRAINING_FILE, atomic_save, export
 from pipelines.model import default_device, fingerprint, load_pipeline
 
@@ -215,6 +216,12 @@ class TrainingData:
         left = region.left + g * ((region.size[1] - bucket[1]) // g // 2)
         return View(region.original, region.resized, top, left, bucket)
 
+    def latent_shape(self, i: int) -> tuple[int, int, int]:
+        """Return the (C, h, w) latent shape of example i at its bucket's size."""
+        height, width = self.buckets[i]
+        f = self.pipe.vae_scale_factor
+        return self.pipe.unet.config.in_channels, height // f, width // f
+
     def batch(self, index: list[int], views: list[View]) -> Encoded:
         """Return the U-Net inputs of `views` of the examples at `index`, on the training device."""
         examples = [self.examples[i] for i in index]
@@ -335,6 +342,8 @@ def training_step(
     autocast_dtype: torch.dtype | None = None,
     eval_loss: Callable[[], float] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    ranks: Ranks = SINGLE_PROCESS,
+    share: float = 1.0,
 ) -> tuple[float, list[dict]]:
     """One optimizer step on one batch (`step` is 1-based); return (loss, matrices the method selected now).
 
@@ -342,15 +351,21 @@ def training_step(
     their selection round if one is due; MPOP scores with `eval_loss` (lora-over.txt Eq. 7). `scaler` scales
     the loss so float16 activation gradients do not underflow (fp16 mixed precision only). A non-finite loss
     raises FloatingPointError before anything is updated.
+
+    Several processes (`ranks`): `batch` is this process's slice of the global batch and `share` its size times
+    the number of processes over the global size (0 for an empty slice), so the averaged gradient and the
+    returned loss are those of the whole global batch, as one process would compute them.
     """
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     with opdiff.materialize(unet):
         _evaluate_adapters(unet)
-        loss = diffusion_loss(unet, noise_scheduler, batch, noise, timesteps, autocast_dtype)
-        value = loss.item()
+        loss = diffusion_loss(unet, noise_scheduler, batch, noise, timesteps, autocast_dtype) if share else None
+        value = ranks.mean(loss.item() * share if share else 0.0)  # the global batch's mean loss
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}")
-        scaler.scale(loss).backward()
+        if share:
+            scaler.scale(loss * share).backward()
+    ranks.sync_gradients(opdiff.trainable_parameters(unet))
     selector = opdiff.selector(unet)
     if selector is not None:
         scaler.unscale_(optimizer)
@@ -421,7 +436,9 @@ def train(
     """
     run_dir = _run_dir(cfg)
     checkpoint = _load_checkpoint(run_dir) if cfg.resume is not None else None
-    dataset = _scan(cfg, run_dir)  # a bad dataset fails here, before any model loads
+    ranks = Ranks.current(cfg.device or default_device())  # several processes: see pipelines.distributed
+    with ranks.main_first():  # a zip is extracted once
+        dataset = _scan(cfg, run_dir)  # a bad dataset fails here, before any model loads
     log.info("dataset %s: %d images, %d skipped", cfg.data, len(dataset), len(dataset.skipped))
     device = cfg.device or default_device()
     autocast_dtype = AUTOCAST_DTYPES.get(cfg.mixed_precision)
@@ -439,7 +456,8 @@ def train(
     if checkpoint is not None:
         _check_resumable(checkpoint["config"], run_config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = TrainingData(pipe, dataset, cfg, device)
+    with ranks.main_first():  # a disk cache is filled once, then read by the other processes
+        data = TrainingData(pipe, dataset, cfg, device)
 
     unet = _prepare_unet(pipe.unet, cfg, device)
     if checkpoint is not None:  # before the optimizer: a selection's MPO cores must exist first
@@ -457,29 +475,39 @@ def train(
         losses, selections, done = list(checkpoint["losses"]), list(checkpoint["selections"]), checkpoint["step"]
         log.info("resuming %s at step %d", run_dir, done)
     eval_loss = _selection_loss(unet, noise_scheduler, data, cfg) if opdiff.selector(unet) is not None else None
-    per_epoch = steps_per_epoch(data.buckets, cfg.batch_size)
+    global_batch = cfg.batch_size * ranks.world  # cfg.batch_size is per process
+    per_epoch = steps_per_epoch(data.buckets, global_batch)
     total = cfg.max_steps or cfg.epochs * per_epoch
-    (run_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2), encoding="utf-8")
+    if ranks.main:
+        (run_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2), encoding="utf-8")
 
     def save(step: int) -> None:
-        _save_checkpoint(run_dir, step, unet, optimizer, scaler, rng, losses, selections, run_config)
+        if ranks.main:  # one writer; every process holds the same state
+            _save_checkpoint(run_dir, step, unet, optimizer, scaler, rng, losses, selections, run_config)
 
     saved, first, start, epoch, batches = done, done + 1, time.perf_counter(), None, []
-    progress = tqdm(total=total, initial=done, desc=f"train {cfg.method}", unit="step")
+    progress = tqdm(total=total, initial=done, desc=f"train {cfg.method}", unit="step", disable=not ranks.main)
     with _stop_requests(should_stop) as stop_requested:
         for step in range(done + 1, total + 1):
-            if stop_requested():
+            if ranks.any(stop_requested()):  # every process stops at the same step
                 break
             if (step - 1) // per_epoch != epoch:
                 epoch = (step - 1) // per_epoch
-                batches = epoch_batches(data.buckets, cfg.batch_size, cfg.seed, epoch)
+                batches = epoch_batches(data.buckets, global_batch, cfg.seed, epoch)
             index = batches[(step - 1) % per_epoch]
-            batch = data.batch(index, data.views(index, rng))
-            noise = torch.randn(batch.latents.shape, generator=rng).to(device)  # (B, 4, h, w)
+            # Every process draws the global batch's views, noise and timesteps from the shared generator, then
+            # trains on its slice: the same numbers as one process with the whole batch.
+            views = data.views(index, rng)
+            local = ranks.local(list(range(len(index))), cfg.batch_size)
+            batch = data.batch([index[i] for i in local], [views[i] for i in local]) if local else None
+            shape = batch.latents.shape[1:] if batch is not None else data.latent_shape(index[0])
+            noise = torch.randn((len(index), *shape), generator=rng)  # (global B, 4, h, w)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=rng)
+            share = len(local) * ranks.world / len(index)
             try:
-                loss, chosen = training_step(unet, optimizer, noise_scheduler, batch, noise, timesteps.to(device),
-                                             step, autocast_dtype, eval_loss, scaler)
+                loss, chosen = training_step(unet, optimizer, noise_scheduler, batch, noise[local].to(device),
+                                             timesteps[local].to(device), step, autocast_dtype, eval_loss, scaler,
+                                             ranks, share)
             except FloatingPointError as e:
                 kept = f"its last checkpoint (step {saved}) is kept in {run_dir}" if saved else "nothing was saved"
                 raise FloatingPointError(f"{e}: the run stopped and {kept}; lower --lr or use --mixed-precision no"
@@ -489,7 +517,7 @@ def train(
             done = step
             progress.update()
             progress.set_postfix(loss=f"{loss:.4f}")
-            if on_event is not None:
+            if on_event is not None and ranks.main:
                 it_s = (step - first + 1) / (time.perf_counter() - start)
                 on_event({"step": step, "total": total, "loss": loss, "it_s": it_s, "eta_s": (total - step) / it_s,
                           "selected": chosen})
@@ -499,8 +527,10 @@ def train(
     progress.close()
 
     save(done)
-    export(unet, run_dir / LORA_FILE, run_config=run_config)
-    if done < total:
+    if ranks.main:
+        export(unet, run_dir / LORA_FILE, run_config=run_config)
+    ranks.barrier()
+    if done < total and ranks.main:
         log.warning("stopped at step %d of %d; checkpoint saved. Continue with: opdiff train --resume %s",
                     done, total, run_dir)
     return run_dir

@@ -318,3 +318,16 @@ def test_contract_batched_equals_contract_per_matrix(m):
         assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="stacked cores"):
         mpo.contract_batched([s[0] for s in stacked])
+
+
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_nearby_matrices_get_nearby_cores(m):
+    """The SVD's free choices (signs, the basis of zero-singular-value channels) are fixed, so a 1e-7 change
+    of a rank-4 LoRA matrix moves its cores by about as much, not to another gauge."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 640, generator=g, dtype=torch.float64)
+    i_f, j_f = mpo.factorize(4, m), mpo.factorize(640, m)
+    a = mpo.decompose(w, i_f, j_f)
+    b = mpo.decompose(w + 1e-7 * torch.randn(w.shape, generator=g, dtype=torch.float64), i_f, j_f)
+    for x, y in zip(a, b, strict=True):
+        assert (x - y).abs().max() < 1e-4
