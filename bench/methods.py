@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from train_step import random_sdxl_unet  # bench/ is on sys.path when run as a script
 
 import opdiff
 
@@ -88,24 +89,9 @@ def time_steps(methods: list[str], steps: int, warmup: int) -> dict[str, list[fl
     return times
 
 
-def random_full_size_unet(device: str) -> UNet2DConditionModel:
-    """The full SDXL U-Net with cheap random weights (normal 0.02; norms 1, biases 0): right shapes, right cost."""
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(json.loads(SDXL_CONFIG.read_text()))
-    unet = unet.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, 0.02, generator=g)
-            else:
-                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-    return unet.requires_grad_(False)
-
-
 def time_full_size(methods: list[str], steps: int, resolution: int, device: str) -> list[tuple[str, float]]:
     """Seconds per training step on the full-size U-Net, one method at a time on one shared base."""
-    unet = random_full_size_unet(device)
+    unet = random_sdxl_unet(torch.float32, device)
     unet.train()
     g = torch.Generator(device=device).manual_seed(0)
     side = resolution // 8
