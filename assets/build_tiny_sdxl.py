@@ -3,7 +3,8 @@
 The model has every part of Stable Diffusion XL base 1.0 (two CLIP text encoders, the second
 with a projection; a 4-channel VAE that downsamples by 8; a cross-attention U-Net with
 ``addition_embed_type="text_time"``; Euler scheduler) at a width that trains in seconds on a
-CPU. Weights are random (fixed seeds), so a rebuild gives the same tensors. The tokenizers are
+CPU. Weights are random (fixed seeds), so a rebuild gives the same tensors; they are the starting
+point of ``pretrain_tiny_sdxl.py``, which writes the committed, pretrained weights. The tokenizers are
 real CLIP BPE tokenizers rebuilt from the vocabulary that open_clip ships, so prompts tokenize
 exactly as they do for SDXL.
 
@@ -137,7 +138,9 @@ def make_vae() -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 32, 32),
         layers_per_block=1,
-        norm_num_groups=8,
+        # 4, 8, 16, 16 channels per group, as SDXL's VAE (32 groups of 128-512). With one channel per group
+        # the decoder's last norm would erase each channel's mean, and a flat colour could not be decoded.
+        norm_num_groups=2,
         latent_channels=4,
         sample_size=64,
         scaling_factor=0.13025,  # SDXL's VAE
@@ -158,7 +161,7 @@ def make_unet() -> UNet2DConditionModel:
         layers_per_block=2,  # as SDXL, so kohya's SGM block numbering uses n = 2 + 1
         transformer_layers_per_block=(1, 1, 2),  # SDXL: (1, 2, 10); the mid block takes the last
         attention_head_dim=(2, 2, 2),  # diffusers' historical name for the number of heads
-        norm_num_groups=32,
+        norm_num_groups=8,  # 4 channels per group; 32 would make every norm a per-channel instance norm
         cross_attention_dim=sum(TEXT_HIDDEN.values()),  # both encoders' hidden states, concatenated
         use_linear_projection=True,
         addition_embed_type="text_time",

@@ -41,6 +41,8 @@ def _load_script(name: str) -> ModuleType:
 
 build_tiny_sdxl = _load_script("build_tiny_sdxl")
 make_demo_data = _load_script("make_demo_data")
+pretrain_tiny_sdxl = _load_script("pretrain_tiny_sdxl")
+pretrain_tiny_clip = _load_script("pretrain_tiny_clip")
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +226,9 @@ def _config_without_versions(path: Path) -> dict:
     return {k: v for k, v in json.loads(path.read_text()).items() if "version" not in k}
 
 
-def test_model_rebuild_matches_committed(tmp_path):
+def test_model_rebuild_matches_committed_layout(tmp_path):
+    # The build script writes the random init; the committed weights are pretrained from it
+    # (pretrain_tiny_sdxl.py), so a rebuild must match everything but the weight values.
     build_tiny_sdxl.build(tmp_path)
     committed = sorted(p.relative_to(MODEL) for p in MODEL.rglob("*") if p.is_file())
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == committed
@@ -233,11 +237,71 @@ def test_model_rebuild_matches_committed(tmp_path):
         if rel.suffix == ".safetensors":
             a, b = load_file(ours), load_file(theirs)
             assert a.keys() == b.keys(), rel
-            assert all(torch.equal(a[k], b[k]) for k in a), rel
+            assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a), rel
         elif rel.parent.name.startswith("tokenizer"):
             assert ours.read_bytes() == theirs.read_bytes(), rel
         else:
             assert _config_without_versions(ours) == _config_without_versions(theirs), rel
+
+
+def test_model_rebuild_is_deterministic(tmp_path):
+    a, b = build_tiny_sdxl.build(tmp_path / "a"), build_tiny_sdxl.build(tmp_path / "b")
+    for path in sorted(a.glob("*/*.safetensors")):
+        x, y = load_file(path), load_file(b / path.relative_to(a))
+        assert all(torch.equal(x[k], y[k]) for k in x), path
+
+
+def test_committed_weights_are_pretrained_not_the_random_init(tmp_path):
+    build_tiny_sdxl.build(tmp_path)
+    for name in ("vae", "unet", "text_encoder", "text_encoder_2"):
+        (file,) = (MODEL / name).glob("*.safetensors")
+        ours, init = load_file(file), load_file(tmp_path / name / file.name)
+        assert any(not torch.equal(ours[k], init[k]) for k in ours), name
+
+
+# Tiny pretraining runs: every stage, a few steps each, on a 32-image world.
+QUICK = {"world_size": 32, "looks_size": 16, "vae_steps": 2, "vae_batch": 4, "unet_steps": 2, "unet_batch": 4,
+         "warmup": 2, "checkpoint_every": 1}
+
+
+def _trained_state(pipe) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for name in pretrain_tiny_sdxl.TRAINED for k, v in getattr(pipe, name).state_dict().items()}
+
+
+def test_pretraining_is_deterministic_and_resumes_exactly(tmp_path, single_thread):
+    settings = pretrain_tiny_sdxl.Settings(**QUICK)
+    first = _trained_state(pretrain_tiny_sdxl.pretrain(settings, tmp_path / "first"))
+    again = _trained_state(pretrain_tiny_sdxl.pretrain(settings, tmp_path / "again"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    # Stopped within the VAE stage, then within the U-Net stage, then run to the end in the same folder.
+    for vae_steps, unet_steps in ((1, 0), (2, 1)):
+        stopped = pretrain_tiny_sdxl.Settings(**{**QUICK, "vae_steps": vae_steps, "unet_steps": unet_steps})
+        pretrain_tiny_sdxl.pretrain(stopped, tmp_path / "resumed")
+    resumed = _trained_state(pretrain_tiny_sdxl.pretrain(settings, tmp_path / "resumed"))
+    assert all(torch.equal(first[k], resumed[k]) for k in first)
+    init = StableDiffusionXLPipeline.from_pretrained(tmp_path / "first" / "random-init", local_files_only=True)
+    assert all(not torch.equal(first[k], v) for k, v in _trained_state(init).items() if k.endswith("conv_out.weight"))
+
+
+def test_pretraining_refuses_a_checkpoint_of_other_settings(tmp_path, single_thread):
+    pretrain_tiny_sdxl.pretrain(pretrain_tiny_sdxl.Settings(**QUICK), tmp_path)
+    with pytest.raises(ValueError, match="written with other settings"):
+        pretrain_tiny_sdxl.pretrain(pretrain_tiny_sdxl.Settings(**{**QUICK, "vae_lr": 1.0}), tmp_path)
+
+
+def test_pretrained_vae_latents_are_normalized(pipe):
+    images, _ = pretrain_tiny_sdxl.procedural.world(64, seed=1)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+    latents = pretrain_tiny_sdxl.latent_means(pipe.vae, pixels) * pipe.vae.config.scaling_factor  # (64, 4, 8, 8)
+    assert latents.mean(dim=(0, 2, 3)).abs().max() < 0.3
+    assert ((latents.std(dim=(0, 2, 3)) - 1).abs() < 0.3).all()
+
+
+def test_clip_pretraining_is_deterministic(tmp_path, single_thread):
+    settings = pretrain_tiny_clip.Settings(world_size=32, looks_size=16, steps=2, batch=8, warmup=1)
+    a = pretrain_tiny_clip.pretrain(settings, tmp_path / "a").state_dict()
+    b = pretrain_tiny_clip.pretrain(settings, tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------
