@@ -18,8 +18,8 @@ from pipelines.config import BUNDLED_DATA, BUNDLED_MODEL, REPO_ROOT, add_argumen
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                  "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # `opdiff demo`: the bundled model and images, sized to finish in well under two minutes on two CPU cores. The
-# bundled model's weights are random, so nothing real is learned; a large step makes the adapter's effect visible
-# in the grid after 48 steps.
+# bundled model is pretrained on flat shapes; lr 1e-2 for 2 epochs (48 steps) gives the visible style shift
+# (bench/RESULTS.md: the best demo CMMD of the lr sweep).
 DEMO_SETTINGS = {"method": "lora", "epochs": 2, "lr": 1e-2, "sample_steps": 12, "sample_seeds": (0,)}
 
 
