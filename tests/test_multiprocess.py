@@ -70,7 +70,8 @@ def test_two_processes_match_one_process_with_the_global_batch(method, demo_subs
 
     assert len(losses(one)) == STEPS and losses(two) == pytest.approx(losses(one), abs=1e-6)
     # One writer: exactly one checkpoint and one export set, no per-process copies.
-    assert sorted(p.name for p in two.glob("*.safetensors")) == sorted(p.name for p in one.glob("*.safetensors"))
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert len(list(two.glob("checkpoint*"))) == 1 and len(list(two.glob("lora*.safetensors"))) == 2  # diffusers+kohya
     assert result.stdout.count("run folder:") == 1
 
 
