@@ -478,6 +478,7 @@ def train(
     global_batch = cfg.batch_size * ranks.world  # cfg.batch_size is per process
     per_epoch = steps_per_epoch(data.buckets, global_batch)
     total = cfg.max_steps or cfg.epochs * per_epoch
+    _warn_if_selection_cannot_finish(cfg, total, ranks)
     if ranks.main:
         (run_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2), encoding="utf-8")
 
@@ -534,6 +535,16 @@ def train(
         log.warning("stopped at step %d of %d; checkpoint saved. Continue with: opdiff train --resume %s",
                     done, total, run_dir)
     return run_dir
+
+
+def _warn_if_selection_cannot_finish(cfg: TrainConfig, total: int, ranks: Ranks) -> None:
+    """Say so when LoRA-Over MPOP/MPOR would select nothing, or not all N, within the run's steps."""
+    rounds = math.ceil(cfg.select_top_n / math.ceil(cfg.select_top_n / cfg.select_split))  # Alg. 2's MPOR rounds
+    last = cfg.select_every * rounds if cfg.method == "lora-over-mpor" else cfg.select_warmup_steps
+    if cfg.method in ("lora-over-mpop", "lora-over-mpor") and last > total and ranks.main:
+        flag = "--select-every" if cfg.method == "lora-over-mpor" else "--select-warmup-steps"
+        log.warning("%s: the selection schedule ends at step %d but the run has %d steps; lower %s",
+                    cfg.method, last, total, flag)
 
 
 def _prepare_unet(unet: torch.nn.Module, cfg: TrainConfig, device: str) -> torch.nn.Module:
