@@ -9,7 +9,8 @@
 
 3. With --full-size: the full-size SDXL U-Net with random weights (about 10 GB in fp32) at a reduced resolution
    on this machine's device: one base, each method injected, timed and removed in turn (lora first and last, to
-   show how much the machine drifted during the run).
+   show how much the machine drifted during the run), with each method's peak memory next to what its own
+   parameters, gradients and AdamW state take.
 
     python bench/methods.py [--steps 30] [--methods lora,op-lora] [--full-size --full-res 256 --full-steps 2]
 """
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-from train_step import random_sdxl_unet  # bench/ is on sys.path when run as a script
+from train_step import peak_memory, random_sdxl_unet  # bench/ is on sys.path when run as a script
 
 import opdiff
+from pipelines.train import adamw
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SDXL_CONFIG = ASSETS / "sdxl-base-1.0-unet-config.json"
@@ -70,7 +72,7 @@ def time_steps(methods: list[str], steps: int, warmup: int) -> dict[str, list[fl
         opdiff.inject(unet, opdiff.AdapterConfig(method=method))
         select_all_n(unet)
         unet.train()
-        runs[method] = (unet, torch.optim.AdamW(opdiff.param_groups(unet, lr=1e-4)))
+        runs[method] = (unet, adamw(opdiff.param_groups(unet, lr=1e-4), 1e-2))
     cfg = next(iter(runs.values()))[0].config
     latents = torch.randn(1, 4, 8, 8, generator=g)
     text = torch.randn(1, 77, cfg.cross_attention_dim, generator=g)
@@ -89,8 +91,12 @@ def time_steps(methods: list[str], steps: int, warmup: int) -> dict[str, list[fl
     return times
 
 
-def time_full_size(methods: list[str], steps: int, resolution: int, device: str) -> list[tuple[str, float]]:
-    """Seconds per training step on the full-size U-Net, one method at a time on one shared base."""
+def time_full_size(methods: list[str], steps: int, resolution: int, device: str) -> list[dict]:
+    """Seconds per training step and peak memory on the full-size U-Net, one method at a time on one shared base.
+
+    Peak memory is measured from just before the method is injected, so it holds the method's parameters,
+    gradients, optimizer state, generated tensors and the step's activations.
+    """
     unet = random_sdxl_unet(torch.float32, device)
     unet.train()
     g = torch.Generator(device=device).manual_seed(0)
@@ -101,26 +107,29 @@ def time_full_size(methods: list[str], steps: int, resolution: int, device: str)
             "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device) * 1.0}
     results = []
     for method in [*methods, "lora"]:
-        opdiff.inject(unet, opdiff.AdapterConfig(method=method))
-        select_all_n(unet)
-        opt = torch.optim.AdamW(opdiff.param_groups(unet, lr=1e-4))
-        times = []
-        for i in range(steps + 1):  # the first step warms up allocators and kernels
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with opdiff.materialize(unet):
-                out = unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=cond).sample
-                out.float().square().mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i > 0:
-                times.append(time.perf_counter() - t0)
-        results.append((method, statistics.median(times)))
-        opdiff.remove(unet)
-        del opt
+        with peak_memory(device) as memory:
+            opdiff.inject(unet, opdiff.AdapterConfig(method=method))
+            select_all_n(unet)
+            trainable = sum(p.numel() for p in opdiff.trainable_parameters(unet))
+            opt = adamw(opdiff.param_groups(unet, lr=1e-4), 1e-2)
+            times = []
+            for i in range(steps + 1):  # the first step warms up allocators and kernels
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with opdiff.materialize(unet):
+                    out = unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=cond).sample
+                    out.float().square().mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if i > 0:
+                    times.append(time.perf_counter() - t0)
+            opdiff.remove(unet)
+            del opt
+        results.append({"method": method, "s_step": statistics.median(times), "peak_mb": memory["peak_mb"],
+                        "trainable": trainable})
     return results
 
 
@@ -156,11 +165,15 @@ def main() -> None:
         print(f"\nFull-size SDXL U-Net, random weights, fp32, {device}, {args.full_res} px, batch 1,"
               f" median of {args.full_steps} steps after 1 warm-up; lora timed first and last")
         results = time_full_size(methods, args.full_steps, args.full_res, device)
-        base = results[0][1]
-        print(f"{'method':16} {'s/step':>9} {'x lora':>8}")
-        for method, t in results:
-            print(f"{method:16} {t:9.3f} {t / base:8.3f}")
-
+        base = results[0]
+        print(f"{'method':16} {'s/step':>9} {'x lora':>8} {'peak MB':>9} {'- lora MB':>10} {'16 B x added':>13}")
+        for r in results:
+            # 16 bytes per added trainable parameter: the parameter, its gradient and AdamW's two moments (fp32)
+            own = 16 * (r["trainable"] - base["trainable"]) / 2**20
+            print(f"{r['method']:16} {r['s_step']:9.3f} {r['s_step'] / base['s_step']:8.3f} {r['peak_mb']:9.0f}"
+                  f" {r['peak_mb'] - base['peak_mb']:10.0f} {own:13.0f}")
+        print("peak MB: peak resident memory above the level before the method was injected; 16 B x added: what")
+        print("the method's own parameters over lora's take with their gradients and AdamW state (MB)")
 
 def print_tiny(methods: list[str], args: argparse.Namespace) -> None:
     print(f"\nBundled tiny SDXL U-Net, CPU ({torch.get_num_threads()} threads), 64 px, batch 1,"

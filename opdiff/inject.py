@@ -12,6 +12,7 @@ from opdiff.config import AdapterConfig
 from opdiff.methods import METHODS
 
 ADAPTER_NAME = "default"
+LAYERS_ATTRIBUTE = "_opdiff_layers"  # a plain attribute: the list `inject` found, not registered submodules
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,14 @@ class AdaptedLayer:
 
 
 def adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
-    """Return the model's PEFT LoRA layers in module order."""
+    """Return the model's PEFT LoRA layers in module order.
+
+    `inject` keeps the list on the model (the layers never change until `remove`): walking a full SDXL U-Net's
+    modules costs milliseconds, and training reads this list every step.
+    """
+    known = model.__dict__.get(LAYERS_ATTRIBUTE)
+    if known is not None:
+        return list(known)
     return [AdaptedLayer(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
@@ -70,6 +78,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     except ValueError as e:  # PEFT says "Target modules ... not found"; name ours and the setting to change
         raise ValueError(f"no module matches target_modules={list(config.target_modules)}: {e}") from e
     layers = adapted_layers(model)
+    model.__dict__[LAYERS_ATTRIBUTE] = tuple(layers)
     for a in layers:
         a.layer.opdiff_kind = next(t for t in config.target_modules if a.name == t or a.name.endswith("." + t))
     model.opdiff = nn.ModuleDict()  # training-only state shared across layers (e.g. OP generators); collapse drops it
@@ -88,6 +97,7 @@ def remove(model: nn.Module) -> nn.Module:
         parent_name, _, child = a.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, a.layer.get_base_layer())
+    model.__dict__.pop(LAYERS_ATTRIBUTE, None)
     for attribute in ("opdiff", "opdiff_config", "peft_config"):
         if hasattr(model, attribute):
             delattr(model, attribute)

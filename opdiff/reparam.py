@@ -70,7 +70,8 @@ def materialize(model: nn.Module) -> Iterator[None]:
     OP generators run one batched MLP per shape class on first use; MPO contractions run once per matrix
     (torch's `parametrize.cached`). Use around forward+backward, and around sampling.
     """
-    sources = [m for m in model.modules() if isinstance(m, StepCached)]
+    owner = getattr(model, "opdiff", None)  # every StepCached source lives under `model.opdiff`
+    sources = [m for m in owner.modules() if isinstance(m, StepCached)] if owner is not None else []
     for s in sources:
         s._caching, s._value = True, None
     try:

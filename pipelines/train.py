@@ -310,12 +310,16 @@ def diffusion_loss(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     autocast_dtype: torch.dtype | None = None,
+    forward: Callable | None = None,
 ) -> torch.Tensor:
-    """Return the mean squared error between the U-Net's prediction and its target for one batch (scalar)."""
+    """Return the mean squared error between the U-Net's prediction and its target for one batch (scalar).
+
+    `forward` is the call that runs `unet` (a `torch.compile` of it); None calls `unet` itself.
+    """
     noisy = noise_scheduler.add_noise(batch.latents, noise, timesteps)  # (B, 4, h, w)
     device_type = batch.latents.device.type
     with torch.autocast(device_type, autocast_dtype) if autocast_dtype else nullcontext():
-        pred = unet(
+        pred = (forward or unet)(
             noisy,
             timesteps,
             encoder_hidden_states=batch.prompt_embeds,
@@ -344,6 +348,7 @@ def training_step(
     scaler: torch.amp.GradScaler | None = None,
     ranks: Ranks = SINGLE_PROCESS,
     share: float = 1.0,
+    forward: Callable | None = None,
 ) -> tuple[float, list[dict]]:
     """One optimizer step on one batch (`step` is 1-based); return (loss, matrices the method selected now).
 
@@ -354,18 +359,20 @@ def training_step(
 
     Several processes (`ranks`): `batch` is this process's slice of the global batch and `share` its size times
     the number of processes over the global size (0 for an empty slice), so the averaged gradient and the
-    returned loss are those of the whole global batch, as one process would compute them.
+    returned loss are those of the whole global batch, as one process would compute them. `forward` is the
+    compiled U-Net call (`--compile`), if any.
     """
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     with opdiff.materialize(unet):
         _evaluate_adapters(unet)
-        loss = diffusion_loss(unet, noise_scheduler, batch, noise, timesteps, autocast_dtype) if share else None
+        loss = diffusion_loss(unet, noise_scheduler, batch, noise, timesteps, autocast_dtype,
+                              forward) if share else None
         value = ranks.mean(loss.item() * share if share else 0.0)  # the global batch's mean loss
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}")
         if share:
             scaler.scale(loss * share).backward()
-    ranks.sync_gradients(opdiff.trainable_parameters(unet))
+    ranks.sync_gradients([p for group in optimizer.param_groups for p in group["params"]])
     selector = opdiff.selector(unet)
     if selector is not None:
         scaler.unscale_(optimizer)
@@ -383,10 +390,11 @@ def _evaluate_adapters(model: torch.nn.Module) -> None:
     Gradient checkpointing needs this: a checkpointed block re-runs its forward in the backward pass and must
     save the same tensors both times, which holds only if neither run is the one that computes the adapter.
     """
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for name in module.parametrizations:
-                getattr(module, name)
+    for layer in opdiff.adapted_layers(model):
+        for module in (layer.lora_A, layer.lora_B, layer.magnitude):
+            if module is not None and parametrize.is_parametrized(module):
+                for name in module.parametrizations:
+                    getattr(module, name)
 
 
 def epoch_batches(buckets: list, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -462,7 +470,8 @@ def train(
     unet = _prepare_unet(pipe.unet, cfg, device)
     if checkpoint is not None:  # before the optimizer: a selection's MPO cores must exist first
         opdiff.load_training_state_dict(unet, checkpoint["adapter"])
-    optimizer = torch.optim.AdamW(opdiff.param_groups(unet, cfg.lr), weight_decay=cfg.weight_decay)
+    optimizer = adamw(opdiff.param_groups(unet, cfg.lr), cfg.weight_decay)
+    forward = torch.compile(unet, backend=cfg.compile) if cfg.compile else None  # the training steps' U-Net call
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=autocast_dtype is torch.float16)
     rng = torch.Generator().manual_seed(cfg.seed)  # views, noise and timesteps; CPU so runs match anywhere
@@ -508,7 +517,7 @@ def train(
             try:
                 loss, chosen = training_step(unet, optimizer, noise_scheduler, batch, noise[local].to(device),
                                              timesteps[local].to(device), step, autocast_dtype, eval_loss, scaler,
-                                             ranks, share)
+                                             ranks, share, forward)
             except FloatingPointError as e:
                 kept = f"its last checkpoint (step {saved}) is kept in {run_dir}" if saved else "nothing was saved"
                 raise FloatingPointError(f"{e}: the run stopped and {kept}; lower --lr or use --mixed-precision no"
@@ -545,6 +554,18 @@ def _warn_if_selection_cannot_finish(cfg: TrainConfig, total: int, ranks: Ranks)
         flag = "--select-every" if cfg.method == "lora-over-mpor" else "--select-warmup-steps"
         log.warning("%s: the selection schedule ends at step %d but the run has %d steps; lower %s",
                     cfg.method, last, total, flag)
+
+
+def adamw(groups: list[dict], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over `groups`, fused into one kernel per step where torch has one for the parameters' device.
+
+    Fused AdamW is elementwise the same update; on CPU it measured 3x faster than the per-tensor loop and 14x faster
+    than `foreach` over OP-LoRA's 194M full-size parameters (0.07 s vs 0.23 s vs 1.0 s per step).
+    """
+    params = [p for group in groups for p in group["params"]]
+    devices = {p.device.type for p in params}
+    fused = bool(params) and devices <= {"cpu", "cuda"} and all(p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=fused or None)
 
 
 def _prepare_unet(unet: torch.nn.Module, cfg: TrainConfig, device: str) -> torch.nn.Module:
