@@ -1,19 +1,20 @@
 """What one training step costs: time and peak memory, with and without the latent cache, and at SDXL's full size.
 
 1. The bundled tiny SDXL on this machine: a `pipelines.train` step (forward + backward + AdamW at 64 px) with
-   latents and prompt embeddings cached (the default) and uncached (the VAE and both text encoders run every
-   step), as seconds per step, the ratio, and peak memory above the model's. Also the time to fill the cache for
-   the dataset from scratch, and from a warm `--cache-dir` (no VAE, no text encoder).
+   latents and prompt embeddings cached (the default), uncached (the VAE and both text encoders run every
+   step), and cached with gradient checkpointing, as seconds per step, the ratios, and peak memory above the
+   model's. Also the time to fill the cache for the dataset from scratch, and from a warm `--cache-dir` (no VAE,
+   no text encoder).
 2. The full-size SDXL U-Net (assets/sdxl-base-1.0-unet-config.json, 2.6B parameters) with random weights at a
    reduced resolution (default 256 px: 32 x 32 latents), batch 1, a LoRA on the attention projections: seconds
-   per step and peak memory on this machine's device. Weights are built on the meta device and filled in place,
-   so the model exists once in memory (bf16: 5 GB; fp32: 10 GB).
+   per step and peak memory on this machine's device, without and with gradient checkpointing. Weights are
+   built on the meta device and filled in place, so the model exists once in memory (bf16: 5 GB; fp32: 10 GB).
 
 Memory is the peak resident set size above the level before the measured part (sampled every 5 ms; CPU) or
 torch.cuda.max_memory_allocated (GPU).
 
     python bench/train_step.py [--images 4] [--steps 10] [--sdxl-resolution 256] [--sdxl-steps 3]
-                               [--sdxl-dtype bf16|fp32] [--gradient-checkpointing] [--skip-sdxl] [--skip-tiny]
+                               [--sdxl-dtype bf16|fp32] [--skip-sdxl] [--skip-tiny]
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def tiny(images: int, steps: int, device: str, threads: int) -> None:
     print(f"  fill the cache (images + mirrors + captions): {fills['cold']:.3f} s from scratch, "
           f"{fills['warm']:.3f} s from a warm --cache-dir ({fills['cold'] / fills['warm']:.1f}x)")
     rows = {}
-    for variant in ("cached", "uncached"):
+    for variant in ("cached", "uncached", "checkpointing"):
         out = subprocess.run([sys.executable, __file__, "--variant", variant, "--images", str(images), "--steps",
                               str(steps), "--threads", str(threads)], capture_output=True, text=True, check=True)
         rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -124,6 +125,9 @@ def tiny(images: int, steps: int, device: str, threads: int) -> None:
     for name, row in rows.items():
         print(f"  {name:10} {row['s_step']:9.4f} {row['peak_mb']:9.1f}")
     print(f"  uncached / cached time per step: {rows['uncached']['s_step'] / rows['cached']['s_step']:.2f}x")
+    on, off = rows["checkpointing"], rows["cached"]
+    print(f"  gradient checkpointing on / off (cached): time {on['s_step'] / off['s_step']:.2f}x, "
+          f"peak memory {on['peak_mb'] / off['peak_mb']:.2f}x")
 
 
 def tiny_variant(variant: str, images: int, steps: int, device: str) -> None:
@@ -131,7 +135,8 @@ def tiny_variant(variant: str, images: int, steps: int, device: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dataset = scan_dataset(_demo_subset(Path(tmp) / "data", images))
         pipe = load_pipeline(BUNDLED_MODEL, device="cpu")
-        cfg = TrainConfig(resolution=64, cache_latents=variant == "cached")
+        cfg = TrainConfig(resolution=64, cache_latents=variant != "uncached",
+                          gradient_checkpointing=variant == "checkpointing")
         with peak_memory(device) as memory:
             data = TrainingData(pipe, dataset, cfg, device)
             times = _train_steps(pipe, data, cfg, steps, device)
@@ -142,6 +147,8 @@ def _train_steps(pipe, data: TrainingData, cfg: TrainConfig, steps: int, device:
     unet = pipe.unet
     torch.manual_seed(0)
     opdiff.inject(unet, cfg.adapter_config())
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train().to(device)
     optimizer = torch.optim.AdamW(opdiff.param_groups(unet, cfg.lr))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -177,8 +184,8 @@ def random_sdxl_unet(dtype: torch.dtype, device: str) -> UNet2DConditionModel:
     return unet.requires_grad_(False)
 
 
-def sdxl(resolution: int, steps: int, dtype_name: str, checkpointing: bool, device: str) -> None:
-    """Part 2: one LoRA training step of the full-size SDXL U-Net."""
+def sdxl(resolution: int, steps: int, dtype_name: str, device: str) -> None:
+    """Part 2: one LoRA training step of the full-size SDXL U-Net, without and with gradient checkpointing."""
     dtype = DTYPES[dtype_name]
     t0 = time.perf_counter()
     with peak_memory(device) as build:
@@ -187,15 +194,12 @@ def sdxl(resolution: int, steps: int, dtype_name: str, checkpointing: bool, devi
     print(f"\nFull-size SDXL U-Net ({params / 1e9:.2f}B parameters, random weights, {dtype_name}), {device}, "
           f"{torch.get_num_threads()} threads, {resolution} px ({resolution // 8}x{resolution // 8} latents), "
           "batch 1, "
-          f"lora r=4 on to_q,to_k,to_v,to_out.0, autocast {dtype_name}"
-          f"{', gradient checkpointing' if checkpointing else ''}; median of {steps} steps after 1 warm-up")
+          f"lora r=4 on to_q,to_k,to_v,to_out.0, autocast {dtype_name}; median of {steps} steps after 1 warm-up")
     print(f"  built in {time.perf_counter() - t0:.1f} s, {build['peak_mb']:.0f} MB")
     torch.manual_seed(0)
     opdiff.inject(unet, opdiff.AdapterConfig(method="lora"))
     for p in opdiff.trainable_parameters(unet):
         p.data = p.data.float()  # as pipelines.train does: adapter and optimizer in float32 over a 16-bit base
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = torch.optim.AdamW(opdiff.param_groups(unet, 1e-4))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
@@ -217,11 +221,19 @@ def sdxl(resolution: int, steps: int, dtype_name: str, checkpointing: bool, devi
         training_step(unet, optimizer, scheduler, batch, noise, torch.tensor([500], device=device), counter[0],
                       autocast)
 
-    with peak_memory(device) as memory:
-        times = timed(step, steps, device)
     trainable = sum(p.numel() for p in opdiff.trainable_parameters(unet))
-    print(f"  {statistics.median(times):.2f} s/step (steps: {', '.join(f'{t:.2f}' for t in times)}), "
-          f"peak {memory['peak_mb']:.0f} MB above the weights, {trainable:,} trainable parameters")
+    rows = {}
+    for checkpointing in (False, True):
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        with peak_memory(device) as memory:
+            times = timed(step, steps, device)
+        rows[checkpointing] = (statistics.median(times), memory["peak_mb"])
+        print(f"  gradient checkpointing {'on ' if checkpointing else 'off'}: {rows[checkpointing][0]:.2f} s/step "
+              f"(steps: {', '.join(f'{t:.2f}' for t in times)}), peak {memory['peak_mb']:.0f} MB above the weights",
+              flush=True)
+    print(f"  {trainable:,} trainable parameters; checkpointing on / off: time {rows[True][0] / rows[False][0]:.2f}x,"
+          f" peak memory {rows[True][1] / rows[False][1]:.2f}x")
 
 
 def main() -> None:
@@ -233,12 +245,11 @@ def main() -> None:
     parser.add_argument("--sdxl-steps", type=int, default=3, help="timed steps on the full-size U-Net (default 3)")
     parser.add_argument("--sdxl-dtype", choices=list(DTYPES), default="bf16",
                         help="full-size U-Net weights and autocast dtype (default bf16: 5 GB instead of 10)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="full-size U-Net with gradient "
-                        "checkpointing")
     parser.add_argument("--skip-tiny", action="store_true", help="skip part 1 (bundled model)")
     parser.add_argument("--skip-sdxl", action="store_true", help="skip part 2 (full-size U-Net)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--variant", choices=("cached", "uncached"), help=argparse.SUPPRESS)  # part 1's subprocess
+    # part 1's subprocesses
+    parser.add_argument("--variant", choices=("cached", "uncached", "checkpointing"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -249,7 +260,7 @@ def main() -> None:
     if not args.skip_tiny:
         tiny(args.images, args.steps, device, torch.get_num_threads())
     if not args.skip_sdxl:
-        sdxl(args.sdxl_resolution, args.sdxl_steps, args.sdxl_dtype, args.gradient_checkpointing, device)
+        sdxl(args.sdxl_resolution, args.sdxl_steps, args.sdxl_dtype, device)
 
 
 if __name__ == "__main__":

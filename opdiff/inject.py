@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.dora import DoraLinearLayer
 from torch import nn
 
 from opdiff.config import AdapterConfig
@@ -40,6 +42,20 @@ class AdaptedLayer:
     def kind(self) -> str:
         """The target suffix this layer matched (`to_q`, `to_out.0`, ...): the selection group of lora-over.txt Sec. 4.3."""
         return self.layer.opdiff_kind
+
+
+class DoraLayer(DoraLinearLayer):
+    """PEFT's DoRA magnitude layer with the same math, without keeping an identity matrix per layer for backward.
+
+    PEFT forms B A as `lora_B(lora_A(eye(d_in)))` with autograd on, so every DoRA layer saves its (d_in, d_in)
+    identity for a backward that never comes: the product is only used detached, for the norm ||W0 + s B A||_row
+    (DoRA Sec. 4.3, which `forward` detaches). On the full SDXL U-Net that is about 5 GB in float32. Here the
+    product is formed without a graph; outputs and gradients are unchanged (tests/test_methods.py).
+    """
+
+    def get_lora_weight(self, lora_A, lora_B, adapter_name=None):
+        with torch.no_grad():
+            return super().get_lora_weight(lora_A=lora_A, lora_B=lora_B, adapter_name=adapter_name)
 
 
 def adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
@@ -80,6 +96,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     layers = adapted_layers(model)
     model.__dict__[LAYERS_ATTRIBUTE] = tuple(layers)
     for a in layers:
+        if a.magnitude is not None and type(a.magnitude) is DoraLinearLayer:
+            a.magnitude.__class__ = DoraLayer
         a.layer.opdiff_kind = next(t for t in config.target_modules if a.name == t or a.name.endswith("." + t))
     model.opdiff = nn.ModuleDict()  # training-only state shared across layers (e.g. OP generators); collapse drops it
     method.attach(model, layers, config)

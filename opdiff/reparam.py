@@ -18,8 +18,14 @@ from torch.nn.utils import parametrize
 class StepCached(nn.Module):
     """A module whose output is shared by many parametrizations and must be computed once per step.
 
-    Subclasses implement `compute()`. Inside `materialize(model)` the first `output()` call computes and keeps
-    the value until the context exits; outside it every call recomputes (correct, just slower).
+    Subclasses implement `compute()`, returning stacked tensors (L, ...), one slice per layer. `output()` hands
+    them out unbound: a tuple of L views per key. Layers then take their slice from the tuple, so the backward
+    pass stacks all L slice gradients in one op. Indexing the stacked tensor per layer instead makes each layer's
+    backward allocate and fill a zero gradient of the whole stack: O(L^2) memory traffic, measured at 8 s of a
+    15 s full-size SDXL step for OP-LoRA on CPU (bench/profile_step.py).
+
+    Inside `materialize(model)` the first `output()` call computes and keeps the value until the context exits;
+    outside it every call recomputes (correct, just slower).
     """
 
     def __init__(self) -> None:
@@ -27,17 +33,20 @@ class StepCached(nn.Module):
         self._value = None
         self._caching = False
 
-    def compute(self):
-        """Return the shared value (implemented by subclasses)."""
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Return the shared value: {key: (L, ...) tensor} (implemented by subclasses)."""
         raise NotImplementedError
 
-    def output(self):
-        """Return the cached value inside `materialize`, a fresh one outside it."""
+    def output(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Return {key: L per-layer views}: cached inside `materialize`, fresh outside it."""
         if not self._caching:
-            return self.compute()
+            return self._unbound()
         if self._value is None:
-            self._value = self.compute()
+            self._value = self._unbound()
         return self._value
+
+    def _unbound(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {key: value.unbind(0) for key, value in self.compute().items()}
 
 
 class Part(nn.Module):

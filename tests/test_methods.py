@@ -192,7 +192,45 @@ def test_remove_restores_the_base_and_allows_another_method(method):
     assert not any(isinstance(m, LoraLayer) for m in adapted.modules())
     assert set(adapted.state_dict()) == set(base.state_dict())
     assert all(torch.equal(adapted.state_dict()[k], v) for k, v in base.state_dict().items())
-    opdiff.inject(adapted, opdiff.AdapterConfig(method="op-lora"))
+    assert opdiff.adapted_layers(adapted) == []
+    opdiff.inject(adapted, opdiff.AdapterConfig(method="op-lora", target_modules=("to_q",)))
+    # the list `inject` keeps is the new model's, the same as walking its modules
+    walked = [(n, m) for n, m in adapted.named_modules() if isinstance(m, LoraLayer)]
+    assert [(a.name, a.layer) for a in opdiff.adapted_layers(adapted)] == walked and walked
     x, ctx, _ = batch()
     with torch.no_grad(), opdiff.materialize(adapted):
         assert (adapted(x, ctx) - base(x, ctx)).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if opdiff.METHODS[m].use_dora])
+def test_dora_layers_keep_no_identity_for_backward_and_train_the_same(method):
+    """opdiff's DoRA layer forms B A without a graph: the same outputs and gradients as PEFT's own layer, but the
+    backward no longer holds a (d_in, d_in) identity per layer."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    from opdiff.inject import DoraLayer
+
+    def run(stock: bool) -> tuple[list[dict[str, torch.Tensor]], int]:
+        with pytest.MonkeyPatch.context() as patch:
+            if stock:  # PEFT's own product, graph and all
+                patch.setattr(DoraLayer, "get_lora_weight", DoraLinearLayer.get_lora_weight)
+            return _run()
+
+    def _run() -> tuple[list[dict[str, torch.Tensor]], int]:
+        _, adapted = make(method)
+        layers = opdiff.adapted_layers(adapted)
+        assert all(isinstance(a.magnitude, DoraLayer) for a in layers)
+        stock = DoraLayer.get_lora_weight is DoraLinearLayer.get_lora_weight
+        saved = []
+        x, ctx, _ = batch()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            with opdiff.materialize(adapted):
+                adapted(x, ctx).square().mean()
+        eye = sum(a.lora_A.weight.shape[1] ** 2 for a in layers)
+        return train(adapted, steps=3), sum(saved) - (eye if stock else 0)
+
+    (ours, ours_saved), (peft, peft_saved_less_eye) = run(stock=False), run(stock=True)
+    assert ours_saved <= peft_saved_less_eye  # exactly the identities are gone
+    for step_ours, step_peft in zip(ours, peft, strict=True):
+        for name, grad in step_peft.items():
+            torch.testing.assert_close(step_ours[name], grad, rtol=1e-6, atol=1e-7)
