@@ -8,9 +8,10 @@
    median per method is divided by lora's median from the same run.
 
 3. With --full-size: the full-size SDXL U-Net with random weights (about 10 GB in fp32) at a reduced resolution
-   on this machine's device: one base, each method injected, timed and removed in turn (lora first and last, to
-   show how much the machine drifted during the run), with each method's peak memory next to what its own
-   parameters, gradients and AdamW state take.
+   on this machine's device: each method in a fresh process (so peak memory is the method's alone), with a lora
+   run before and after every method; the ratio is over the mean of those two lora runs, so drift of a shared
+   machine cancels. Peak memory is shown next to what the method's own parameters, gradients and AdamW state take
+   (glibc's mmap threshold fixed at 1 MiB, so the figure is live memory, not heap fragmentation).
 
     python bench/methods.py [--steps 30] [--methods lora,op-lora] [--full-size --full-res 256 --full-steps 2]
 """
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -91,11 +95,11 @@ def time_steps(methods: list[str], steps: int, warmup: int) -> dict[str, list[fl
     return times
 
 
-def time_full_size(methods: list[str], steps: int, resolution: int, device: str) -> list[dict]:
-    """Seconds per training step and peak memory on the full-size U-Net, one method at a time on one shared base.
+def full_size_one(method: str, steps: int, resolution: int, device: str) -> dict:
+    """In this (fresh) process: build the full-size U-Net, then time `method`'s steps and measure its peak memory.
 
-    Peak memory is measured from just before the method is injected, so it holds the method's parameters,
-    gradients, optimizer state, generated tensors and the step's activations.
+    Peak memory is measured from just after the base and its inputs exist, so it holds the method's parameters,
+    gradients, AdamW state, generated tensors and the step's activations, and nothing a previous method left.
     """
     unet = random_sdxl_unet(torch.float32, device)
     unet.train()
@@ -105,32 +109,52 @@ def time_full_size(methods: list[str], steps: int, resolution: int, device: str)
     text = torch.randn(1, 77, 2048, generator=g, device=device)
     cond = {"text_embeds": torch.randn(1, 1280, generator=g, device=device),
             "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device) * 1.0}
-    results = []
-    for method in [*methods, "lora"]:
-        with peak_memory(device) as memory:
-            opdiff.inject(unet, opdiff.AdapterConfig(method=method))
-            select_all_n(unet)
-            trainable = sum(p.numel() for p in opdiff.trainable_parameters(unet))
-            opt = adamw(opdiff.param_groups(unet, lr=1e-4), 1e-2)
-            times = []
-            for i in range(steps + 1):  # the first step warms up allocators and kernels
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                with opdiff.materialize(unet):
-                    out = unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=cond).sample
-                    out.float().square().mean().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                if i > 0:
-                    times.append(time.perf_counter() - t0)
-            opdiff.remove(unet)
-            del opt
-        results.append({"method": method, "s_step": statistics.median(times), "peak_mb": memory["peak_mb"],
-                        "trainable": trainable})
-    return results
+    with peak_memory(device) as memory:
+        opdiff.inject(unet, opdiff.AdapterConfig(method=method))
+        select_all_n(unet)
+        trainable = sum(p.numel() for p in opdiff.trainable_parameters(unet))
+        opt = adamw(opdiff.param_groups(unet, lr=1e-4), 1e-2)
+        times = []
+        for i in range(steps + 1):  # the first step warms up allocators and kernels
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with opdiff.materialize(unet):
+                out = unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=cond).sample
+                out.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i > 0:
+                times.append(time.perf_counter() - t0)
+    return {"method": method, "s_step": statistics.median(times), "peak_mb": memory["peak_mb"],
+            "trainable": trainable}
+
+
+def time_full_size(methods: list[str], steps: int, resolution: int) -> list[dict]:
+    """Each method in a fresh process, with a lora run before and after it: the method's time is divided by the
+    mean of its two neighbouring lora runs, so a machine that drifts during the run moves both sides alike."""
+    order = ["lora"]
+    for method in methods:
+        if method != "lora":
+            order += [method, "lora"]
+    # glibc's default malloc raises its mmap threshold after the first large free, then keeps freed per-layer
+    # temporaries in a fragmented heap: peak RSS then measures the allocator, not the method (DoRA: 6 GB vs 1 GB
+    # live). A fixed threshold returns large blocks to the system at once, as a GPU's caching allocator would
+    # reuse them. Set MALLOC_MMAP_THRESHOLD_ yourself to override.
+    env = {"MALLOC_MMAP_THRESHOLD_": str(2**20), **os.environ}
+    runs = []
+    for method in order:
+        out = subprocess.run([sys.executable, __file__, "--full-one", method, "--full-res", str(resolution),
+                              "--full-steps", str(steps)], capture_output=True, text=True, env=env)
+        if out.returncode:
+            sys.exit(f"{method} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  {method:16} {runs[-1]['s_step']:8.3f} s/step  peak {runs[-1]['peak_mb']:7.0f} MB", flush=True)
+    for i in range(1, len(runs), 2):
+        runs[i]["lora_s_step"] = (runs[i - 1]["s_step"] + runs[i + 1]["s_step"]) / 2
+    return runs
 
 
 def main() -> None:
@@ -142,7 +166,12 @@ def main() -> None:
     parser.add_argument("--full-res", type=int, default=256, help="image size for --full-size (default 256)")
     parser.add_argument("--full-steps", type=int, default=2, help="timed steps per method for --full-size (default 2)")
     parser.add_argument("--skip-tiny", action="store_true", help="skip the bundled-model timing")
+    parser.add_argument("--full-one", metavar="METHOD", help=argparse.SUPPRESS)  # --full-size's subprocesses
     args = parser.parse_args()
+    if args.full_one:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(json.dumps(full_size_one(args.full_one, args.full_steps, args.full_res, device)))
+        return
     methods = args.methods.split(",")
     if "lora" not in methods:
         methods.insert(0, "lora")
@@ -162,18 +191,23 @@ def main() -> None:
         print_tiny(methods, args)
     if args.full_size:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        print(f"\nFull-size SDXL U-Net, random weights, fp32, {device}, {args.full_res} px, batch 1,"
-              f" median of {args.full_steps} steps after 1 warm-up; lora timed first and last")
-        results = time_full_size(methods, args.full_steps, args.full_res, device)
-        base = results[0]
+        print(f"\nFull-size SDXL U-Net, random weights, fp32, {device}, {args.full_res} px, batch 1, median of"
+              f" {args.full_steps} steps after 1 warm-up; each run a fresh process, lora between every two methods")
+        runs = time_full_size(methods, args.full_steps, args.full_res)
+        loras = [r for r in runs if r["method"] == "lora"]
+        lora_mb = statistics.median(r["peak_mb"] for r in loras)
+        lora_params = loras[0]["trainable"]
+        drift = ", ".join(f"{r['s_step']:.3f}" for r in loras)
+        print(f"lora runs: {drift} s/step (the machine's drift)")
         print(f"{'method':16} {'s/step':>9} {'x lora':>8} {'peak MB':>9} {'- lora MB':>10} {'16 B x added':>13}")
-        for r in results:
+        for r in runs[1::2]:
             # 16 bytes per added trainable parameter: the parameter, its gradient and AdamW's two moments (fp32)
-            own = 16 * (r["trainable"] - base["trainable"]) / 2**20
-            print(f"{r['method']:16} {r['s_step']:9.3f} {r['s_step'] / base['s_step']:8.3f} {r['peak_mb']:9.0f}"
-                  f" {r['peak_mb'] - base['peak_mb']:10.0f} {own:13.0f}")
-        print("peak MB: peak resident memory above the level before the method was injected; 16 B x added: what")
-        print("the method's own parameters over lora's take with their gradients and AdamW state (MB)")
+            own = 16 * (r["trainable"] - lora_params) / 2**20
+            print(f"{r['method']:16} {r['s_step']:9.3f} {r['s_step'] / r['lora_s_step']:8.3f} {r['peak_mb']:9.0f}"
+                  f" {r['peak_mb'] - lora_mb:10.0f} {own:13.0f}")
+        print("x lora: over the mean of the lora runs just before and after; peak MB: peak resident memory above")
+        print("the built base; - lora MB: over lora's (median); 16 B x added: what the method's own parameters")
+        print("over lora's take with their gradients and AdamW state")
 
 def print_tiny(methods: list[str], args: argparse.Namespace) -> None:
     print(f"\nBundled tiny SDXL U-Net, CPU ({torch.get_num_threads()} threads), 64 px, batch 1,"

@@ -8,7 +8,10 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.dora import DoraLinearLayer
+from peft.utils.integrations import dequantize_module_weight
+from peft.utils.other import transpose
 from torch import nn
+from torch.nn import functional as F
 
 from opdiff.config import AdapterConfig
 from opdiff.methods import METHODS
@@ -45,17 +48,44 @@ class AdaptedLayer:
 
 
 class DoraLayer(DoraLinearLayer):
-    """PEFT's DoRA magnitude layer with the same math, without keeping an identity matrix per layer for backward.
+    """PEFT's DoRA magnitude layer, same math, without a full-size temporary per layer per step.
 
-    PEFT forms B A as `lora_B(lora_A(eye(d_in)))` with autograd on, so every DoRA layer saves its (d_in, d_in)
-    identity for a backward that never comes: the product is only used detached, for the norm ||W0 + s B A||_row
-    (DoRA Sec. 4.3, which `forward` detaches). On the full SDXL U-Net that is about 5 GB in float32. Here the
-    product is formed without a graph; outputs and gradients are unchanged (tests/test_methods.py).
+    DoRA scales the adapted weight per output row: W = m * (W0 + s B A) / ||W0 + s B A||_row, the norm detached
+    (DoRA Sec. 4.3; PEFT `DoraLinearLayer.forward`). PEFT forms the (d_out, d_in) matrices B A and W0 + s B A for
+    every layer at every step, and builds B A as `lora_B(lora_A(eye(d_in)))` with autograd on, which keeps a
+    (d_in, d_in) identity per layer alive until backward. On the full SDXL U-Net that is gigabytes of temporaries
+    per step (on CPU they fragment the heap: 13 GB of peak memory above the weights at 128 px, bench/methods.py).
+
+    Here the norm comes from the expansion ||W0 + s B A||^2_row = ||W0||^2_row + 2 s <B, W0 A^T>_row
+    + s^2 <B, B (A A^T)>_row: one (d_out, d_in) x (d_in, r) product, nothing of size d_out x d_in.
+    ||W0||_row is computed once (the base is frozen) and recomputed if the base weight changes.
+    Outputs and gradients equal PEFT's (tests/test_methods.py).
     """
 
-    def get_lora_weight(self, lora_A, lora_B, adapter_name=None):
-        with torch.no_grad():
-            return super().get_lora_weight(lora_A=lora_A, lora_B=lora_B, adapter_name=adapter_name)
+    def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
+        weight = dequantize_module_weight(base_layer).to(x.dtype)
+        weight_norm = self.row_norm(weight, lora_A.weight, lora_B.weight, scaling).to(x.dtype)  # detached
+        mag_norm_scale = (self.weight / weight_norm).view(1, -1)
+        lora_result = lora_B(lora_A(x))
+        if base_result is not None:
+            if base_layer.bias is not None:
+                base_result = base_result - base_layer.bias
+        else:
+            base_result = F.linear(x, transpose(weight, self.fan_in_fan_out))
+        return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
+
+    @torch.no_grad()
+    def row_norm(self, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        """||W0 + s B A|| of every output row, float32, shape (d_out,); W0 (d_out, d_in), A (r, d_in), B (d_out, r)."""
+        weight = transpose(weight, self.fan_in_fan_out)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if getattr(self, "_base_key", None) != key:
+            self._base_sq = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+            self._base_key = key
+        a, b = a.float(), b.float()
+        cross = (b * (weight @ a.to(weight.dtype).T).float()).sum(dim=1)  # <B, W0 A^T> per row
+        lora_sq = (b * (b @ (a @ a.T))).sum(dim=1)  # ||B A||^2 per row
+        return (self._base_sq + 2 * scaling * cross + scaling**2 * lora_sq).clamp_min(0).sqrt()
 
 
 def adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
