@@ -6,19 +6,21 @@
 2. The bundled tiny SDXL U-Net on this machine's CPU: time of one training step (forward + backward + AdamW at
    64 px, batch 1) per method. Methods are timed in interleaved rounds so machine noise hits them alike; the
    median per method is divided by lora's median from the same run.
-
 3. With --full-size: the full-size SDXL U-Net with random weights (about 10 GB in fp32) at a reduced resolution
-   on this machine's device: each method in a fresh process (so peak memory is the method's alone), with a lora
-   run before and after every method; the ratio is over the mean of those two lora runs, so drift of a shared
-   machine cancels. Peak memory is shown next to what the method's own parameters, gradients and AdamW state take
+   on this machine's device, every method on one shared base (each its own module tree over the same weights),
+   timed in interleaved rounds; the ratio is each method's median over lora's.
+4. With --full-memory: the same U-Net, each method in a fresh process (so peak memory is the method's alone),
+   with a lora run before and after every method; the time ratio is over the mean of those two lora runs. Peak memory is shown next to what the method's own parameters, gradients and AdamW state take
    (glibc's mmap threshold fixed at 1 MiB, so the figure is live memory, not heap fragmentation).
 
-    python bench/methods.py [--steps 30] [--methods lora,op-lora] [--full-size --full-res 256 --full-steps 2]
+    python bench/methods.py [--steps 30] [--methods lora,op-lora] [--full-size] [--full-memory]
+                            [--full-res 256 --full-steps 2] [--skip-tiny]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -132,6 +134,47 @@ def full_size_one(method: str, steps: int, resolution: int, device: str) -> dict
             "trainable": trainable}
 
 
+def time_full_size_interleaved(methods: list[str], steps: int, resolution: int, device: str) -> dict[str, list[float]]:
+    """Seconds per step of every method on one full-size base, interleaved step by step.
+
+    Each method gets its own module tree over the same base weights (a deep copy that shares every base tensor),
+    so one 10 GB base serves all of them and each round times every method within seconds of the others: drift
+    of a shared machine hits all methods alike.
+    """
+    base = random_sdxl_unet(torch.float32, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    side = resolution // 8
+    latents = torch.randn(1, 4, side, side, generator=g, device=device)
+    text = torch.randn(1, 77, 2048, generator=g, device=device)
+    cond = {"text_embeds": torch.randn(1, 1280, generator=g, device=device),
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device) * 1.0}
+    shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+    runs = {}
+    for method in methods:
+        unet = copy.deepcopy(base, memo=dict(shared))  # new modules, the same base tensors
+        torch.manual_seed(0)
+        opdiff.inject(unet, opdiff.AdapterConfig(method=method))
+        select_all_n(unet)
+        runs[method] = (unet.train(), adamw(opdiff.param_groups(unet, lr=1e-4), 1e-2))
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for i in range(steps + 1):  # round 0 warms up allocators and kernels
+        for method, (unet, opt) in runs.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with opdiff.materialize(unet):
+                out = unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=cond).sample
+                out.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i > 0:
+                times[method].append(time.perf_counter() - t0)
+        print(f"  round {i}: " + ", ".join(f"{m} {t[-1]:.2f}" for m, t in times.items() if i > 0), flush=True)
+    return times
+
+
 def time_full_size(methods: list[str], steps: int, resolution: int) -> list[dict]:
     """Each method in a fresh process, with a lora run before and after it: the method's time is divided by the
     mean of its two neighbouring lora runs, so a machine that drifts during the run moves both sides alike."""
@@ -162,7 +205,10 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(opdiff.METHODS), help="comma-separated methods (default: all)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method (default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method first (default 3)")
-    parser.add_argument("--full-size", action="store_true", help="also time the full-size SDXL U-Net (random weights)")
+    parser.add_argument("--full-size", action="store_true", help="also time the full-size SDXL U-Net (random weights), "
+                        "every method on one shared base, interleaved")
+    parser.add_argument("--full-memory", action="store_true", help="also measure each method's peak memory on the "
+                        "full-size U-Net, one fresh process per method (and its time, less reliably)")
     parser.add_argument("--full-res", type=int, default=256, help="image size for --full-size (default 256)")
     parser.add_argument("--full-steps", type=int, default=2, help="timed steps per method for --full-size (default 2)")
     parser.add_argument("--skip-tiny", action="store_true", help="skip the bundled-model timing")
@@ -190,6 +236,16 @@ def main() -> None:
     if not args.skip_tiny:
         print_tiny(methods, args)
     if args.full_size:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"\nFull-size SDXL U-Net, random weights, fp32, {device}, {args.full_res} px, batch 1, every method on"
+              f" one shared base, interleaved step by step; median of {args.full_steps} rounds after 1 warm-up")
+        times = time_full_size_interleaved(methods, args.full_steps, args.full_res, device)
+        base = statistics.median(times["lora"])
+        print(f"{'method':16} {'s/step':>9} {'x lora':>8}  steps")
+        for method, t in times.items():
+            med = statistics.median(t)
+            print(f"{method:16} {med:9.3f} {med / base:8.3f}  {', '.join(f'{x:.2f}' for x in t)}")
+    if args.full_memory:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         print(f"\nFull-size SDXL U-Net, random weights, fp32, {device}, {args.full_res} px, batch 1, median of"
               f" {args.full_steps} steps after 1 warm-up; each run a fresh process, lora between every two methods")
