@@ -9,11 +9,12 @@ runs anywhere in seconds.
   method samples from its collapsed LoRA, so this is the same for all of them;
 - the protocol (op-lora.txt Sec. 4.1, `opdiff reproduce`): 2 epochs over N images = 2N steps, then N images.
 
-Time = FLOPs / `--tflops`, the throughput the GPU sustains on this work. That throughput is an assumption, not a
-measurement (no GPU here): the default 250 TFLOP/s is about a quarter of an H100's dense bf16 peak. Measure yours
-with `python bench/methods.py --full-size --full-res 1024` and scale.
+Time = FLOPs / sustained throughput. The throughput a GPU sustains on SDXL at batch 1 is far below its peak
+(small batches, attention, elementwise and memory-bound layers), and it was not measured here (no GPU): the hours
+are printed for several assumed values (`--tflops`). Measure your GPU's with
+`python bench/methods.py --full-size --full-res 1024` and divide the TFLOP per step by its seconds per step.
 
-    python bench/flops.py [--resolution 1024] [--images 1221] [--steps 20] [--tflops 250]
+    python bench/flops.py [--resolution 1024] [--images 1221] [--steps 20] [--tflops 25,50,100]
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def main() -> None:
                         "1221, Naruto; Monet is 1334)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per generated image (default 20, "
                         "opdiff's sample_steps)")
-    parser.add_argument("--tflops", type=float, default=250.0, help="assumed sustained TFLOP/s (default 250)")
+    parser.add_argument("--tflops", default="25,50,100", help="assumed sustained TFLOP/s, comma-separated "
+                        "(default 25,50,100)")
     args = parser.parse_args()
     methods = args.methods.split(",")
     per_image = image_flops(args.resolution, args.steps)
@@ -101,14 +103,14 @@ def main() -> None:
     print(f"Full-size SDXL (meta device), {args.resolution} px, batch 1, r=4, attention projections; "
           f"U-Net forward alone {forward / 1e12:.2f} TFLOP")
     print(f"one generated image ({args.steps} steps, guidance batch 2, VAE decode): {per_image / 1e12:.1f} TFLOP")
-    print(f"protocol: {steps} training steps + {args.images} images; time at an assumed {args.tflops:.0f} TFLOP/s")
-    print(f"{'method':16} {'TFLOP/step':>11} {'x lora':>8} {'train h':>8} {'sample h':>9} {'total h':>8}")
+    rates = [float(t) for t in args.tflops.split(",")]
+    print(f"protocol: {steps} training steps + {args.images} images; hours at an assumed sustained throughput")
+    print(f"{'method':16} {'TFLOP/step':>11} {'x lora':>8} {'protocol PFLOP':>15}"
+          + "".join(f"{f'h @ {r:g} TF/s':>14}" for r in rates))
     for method, flops in rows:
-        train_h = steps * flops / (args.tflops * 1e12) / 3600
-        sample_h = args.images * per_image / (args.tflops * 1e12) / 3600
-        print(f"{method:16} {flops / 1e12:11.3f} {flops / lora:8.4f} {train_h:8.2f} {sample_h:9.2f}"
-              f" {train_h + sample_h:8.2f}")
-
+        total = steps * flops + args.images * per_image
+        print(f"{method:16} {flops / 1e12:11.3f} {flops / lora:8.4f} {total / 1e15:15.1f}"
+              + "".join(f"{total / (r * 1e12) / 3600:14.2f}" for r in rates))
 
 if __name__ == "__main__":
     main()
