@@ -319,7 +319,7 @@ def diffusion_loss(
     noisy = noise_scheduler.add_noise(batch.latents, noise, timesteps)  # (B, 4, h, w)
     device_type = batch.latents.device.type
     with torch.autocast(device_type, autocast_dtype) if autocast_dtype else nullcontext():
-        pred = (forward or unet)(
+        pred = (unet if forward is None else forward)(
             noisy,
             timesteps,
             encoder_hidden_states=batch.prompt_embeds,
