@@ -97,6 +97,31 @@ def time_steps(methods: list[str], steps: int, warmup: int) -> dict[str, list[fl
     return times
 
 
+def full_size_inputs(resolution: int, device: str) -> dict:
+    """Random latents, prompt embeddings and conditioning for one full-size SDXL step at `resolution`, batch 1."""
+    g = torch.Generator(device=device).manual_seed(0)
+    side = resolution // 8
+    return {"sample": torch.randn(1, 4, side, side, generator=g, device=device), "timestep": 500,
+            "encoder_hidden_states": torch.randn(1, 77, 2048, generator=g, device=device),
+            "added_cond_kwargs": {"text_embeds": torch.randn(1, 1280, generator=g, device=device),
+                                  "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
+                                                           device=device) * 1.0}}
+
+
+def timed_step(unet: torch.nn.Module, opt: torch.optim.Optimizer, inputs: dict, device: str) -> float:
+    """Seconds of one training step: adapters generated once, forward, backward, AdamW."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with opdiff.materialize(unet):
+        unet(**inputs).sample.float().square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def full_size_one(method: str, steps: int, resolution: int, device: str) -> dict:
     """In this (fresh) process: build the full-size U-Net, then time `method`'s steps and measure its peak memory.
 
@@ -105,12 +130,7 @@ def full_size_one(method: str, steps: int, resolution: int, device: str) -> dict
     """
     unet = random_sdxl_unet(torch.float32, device)
     unet.train()
-    g = torch.Generator(device=device).manual_seed(0)
-    side = resolution // 8
-    latents = torch.randn(1, 4, side, side, generator=g, device=device)
-    text = torch.randn(1, 77, 2048, generator=g, device=device)
-    cond = {"text_embeds": torch.randn(1, 1280, generator=g, device=device),
-            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device) * 1.0}
+    inputs = full_size_inputs(resolution, device)
     with peak_memory(device) as memory:
         opdiff.inject(unet, opdiff.AdapterConfig(method=method))
         select_all_n(unet)
@@ -118,18 +138,9 @@ def full_size_one(method: str, steps: int, resolution: int, device: str) -> dict
         opt = adamw(opdiff.param_groups(unet, lr=1e-4), 1e-2)
         times = []
         for i in range(steps + 1):  # the first step warms up allocators and kernels
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with opdiff.materialize(unet):
-                out = unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=cond).sample
-                out.float().square().mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            seconds = timed_step(unet, opt, inputs, device)
             if i > 0:
-                times.append(time.perf_counter() - t0)
+                times.append(seconds)
     return {"method": method, "s_step": statistics.median(times), "peak_mb": memory["peak_mb"],
             "trainable": trainable}
 
@@ -142,12 +153,7 @@ def time_full_size_interleaved(methods: list[str], steps: int, resolution: int, 
     of a shared machine hits all methods alike.
     """
     base = random_sdxl_unet(torch.float32, device)
-    g = torch.Generator(device=device).manual_seed(0)
-    side = resolution // 8
-    latents = torch.randn(1, 4, side, side, generator=g, device=device)
-    text = torch.randn(1, 77, 2048, generator=g, device=device)
-    cond = {"text_embeds": torch.randn(1, 1280, generator=g, device=device),
-            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device) * 1.0}
+    inputs = full_size_inputs(resolution, device)
     shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
     runs = {}
     for method in methods:
@@ -159,18 +165,9 @@ def time_full_size_interleaved(methods: list[str], steps: int, resolution: int, 
     times: dict[str, list[float]] = {m: [] for m in methods}
     for i in range(steps + 1):  # round 0 warms up allocators and kernels
         for method, (unet, opt) in runs.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with opdiff.materialize(unet):
-                out = unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=cond).sample
-                out.float().square().mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            seconds = timed_step(unet, opt, inputs, device)
             if i > 0:
-                times[method].append(time.perf_counter() - t0)
+                times[method].append(seconds)
         print(f"  round {i}: " + ", ".join(f"{m} {t[-1]:.2f}" for m, t in times.items() if i > 0), flush=True)
     return times
 
