@@ -6,14 +6,14 @@
     with materialize(model):                   # A, B generated once for this step
         loss = ...; loss.backward()
     opt.step()
-    # lora-over-mpop/-mpor only: selector(model).observe(model) after backward, .step(...) after opt.step()
+    # every step, the method's hooks: see opdiff.methods.base (method_of(model).after_backward(...), ...)
     collapse(model)                            # plain PEFT LoRA/DoRA weights, nothing else
 """
 
 from opdiff.config import DEFAULT_TARGETS, AdapterConfig
-from opdiff.inject import ADAPTER_NAME, adapted_layers, inject, param_groups, remove, trainable_parameters
-from opdiff.methods import METHODS
-from opdiff.methods.lora_over_select import selector
+from opdiff.inject import ADAPTER_NAME, adapted_layers, inject, param_groups, remove
+from opdiff.methods import METHODS, Method, method_of, register, unregister
+from opdiff.methods.base import trainable_parameters
 from opdiff.reparam import collapse, materialize
 from opdiff.state import load_training_state_dict, training_state_dict
 
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "METHODS",
     "AdapterConfig",
+    "Method",
     "adapted_layers",
     "collapse",
     "inject",
@@ -29,7 +30,9 @@ __all__ = [
     "materialize",
     "param_groups",
     "remove",
-    "selector",
+    "method_of",
+    "register",
+    "unregister",
     "trainable_parameters",
     "training_state_dict",
 ]

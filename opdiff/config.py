@@ -1,72 +1,88 @@
-"""The one configuration object for an adapter: the CLI, the GUI and config files all fill this dataclass."""
+"""The one configuration object for an adapter: the CLI, the GUI and config files all fill this dataclass.
+
+`AdapterConfig` holds what every method reads (method, rank, alpha, targets) as fields, and the methods' own
+settings (declared in their files, e.g. `op_width` in `opdiff/methods/op.py`) in `options`, readable as
+attributes (`config.op_width`). Its flat dict form (`to_dict`) is what run folders and exported files store.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from opdiff.methods import METHODS, method_settings
+from opdiff.settings import Setting, Settings, option
 
 DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-@dataclass
-class AdapterConfig:
-    """How to adapt a model. Defaults follow op-lora.txt Sec. 4.1 (SDXL: r=4, attention projections, MLP width 32)."""
+@dataclass(init=False)
+class AdapterConfig(Settings):
+    """How to adapt a model. Defaults follow op-lora.txt Sec. 4.1 (SDXL: r=4, attention projections).
 
-    method: str = "lora"
-    """Adapter method, one of `opdiff.METHODS` (e.g. `lora`, `op-lora`, `lora-over-mpo`)."""
-    rank: int = 4
-    """LoRA rank r: A is (r x d_in), B is (d_out x r)."""
-    alpha: float = 4.0
-    """LoRA alpha; the update is scaled by alpha / rank, as in PEFT (lora-over.txt Eq. 2)."""
-    target_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_TARGETS)
-    """Suffixes of the `nn.Linear` module names to adapt (PEFT matching)."""
-    op_width: int = 32
-    """OP-LoRA/OP-DoRA: hidden width of each layer's MLP (op-lora.txt Sec. 4.1 and Table 8: 32 for SDXL)."""
-    op_embed_dim: int = 128
-    """OP-LoRA/OP-DoRA: size of the learned input vector z of each MLP (op-lora.txt Appendix C)."""
-    mpo_cores: int = 5
-    """LoRA-Over MPO: number of local tensors m per matrix (lora-over.txt Eq. 3); `lora-over-svd` always uses 2."""
-    mpo_lr: float | None = None
-    """Learning rate of the MPO/SVD cores (lora-over.txt Tables 4 and 6, "MPO_LR"); None means the main learning rate."""
-    select_top_n: int = 4
-    """LoRA-Over MPOP/MPOR: how many matrices per group (module kind x A/B) become MPO (top-N, Alg. 2)."""
-    select_split: int = 4
-    """LoRA-Over MPOR: split number; each selection round adds ceil(N / split) matrices per group (Alg. 2)."""
-    select_every: int = 50
-    """LoRA-Over MPOR: steps t between two selection rounds (Alg. 2)."""
-    select_warmup_steps: int = 100
-    """LoRA-Over MPOP: LoRA warm-up steps before the importance of Eq. 7 is measured."""
-    select_batches: int = 4
-    """LoRA-Over MPOP: number of fixed batches the Eq. 7 losses are averaged over."""
+    Method settings are keyword arguments too: `AdapterConfig(method="op-lora", op_width=64)`.
+    """
 
-    def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not self.target_modules:
-            raise ValueError("target_modules is empty: name at least one module suffix, e.g. to_q")
-        if self.op_width < 1 or self.op_embed_dim < 1:
-            raise ValueError(f"op_width and op_embed_dim must be >= 1, got {self.op_width}, {self.op_embed_dim}")
-        if self.mpo_cores < 2:
-            raise ValueError(f"mpo_cores must be >= 2 (2 is the SVD case), got {self.mpo_cores}")
-        # Imported here: the registry imports the method modules, which import this file.
-        from opdiff.methods import METHODS
+    method: str = option(
+        "lora", "Adapter method: how the adapter is trained. Every method exports an ordinary LoRA (DoRA methods a "
+        "DoRA) file.", group="basic", label="method")
+    rank: int = option(
+        4, "LoRA rank: the size of the adapter. Higher learns more detail and makes a bigger file.",
+        group="basic", ref="A is (r x d_in), B is (d_out x r); op-lora.txt Sec. 4.1 uses 4", minimum=1)
+    alpha: float = option(
+        4.0, "LoRA alpha: the adapter's strength is alpha / rank. Keep it equal to the rank unless you know why.",
+        group="basic", ref="as in PEFT; lora-over.txt Eq. 2", above=0)
+    target_modules: tuple[str, ...] = option(
+        default_factory=lambda: DEFAULT_TARGETS, help="Which layers get an adapter: endings of their names "
+        "(to_q, to_k, to_v, to_out.0 are the attention projections).", label="target layers")
+    options: dict[str, Any] = field(default_factory=dict)
+    """The chosen method's and every other registered method's own settings, by name (defaults filled in)."""
 
+    def __init__(self, method: str = "lora", rank: int = 4, alpha: float = 4.0,
+                 target_modules: tuple[str, ...] = DEFAULT_TARGETS, options: dict[str, Any] | None = None,
+                 **method_options: Any) -> None:
+        self.method, self.rank, self.alpha = method, rank, alpha
+        self.target_modules = tuple(target_modules)
+        self.options = {**(options or {}), **method_options}
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty: name at least one module suffix, e.g. to_q")
+        for s in self.settings():
+            if s.name in ("rank", "alpha"):
+                s.check(getattr(self, s.name))
+        known = method_settings()
+        unknown = sorted(set(self.options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown adapter setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        self.options = {name: s.convert(self.options[name]) if name in self.options else s.default
+                        for name, s in known.items()}
 
-    def to_dict(self) -> dict:
-        """Return the config as a JSON-serialisable dict (tuples become lists)."""
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options")
+        if options is not None and name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__} has no setting {name!r}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> AdapterConfig:
-        """Build a config from a dict, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown adapter setting(s): {', '.join(unknown)}")
-        return cls(**d)
+    def settings(cls) -> list[Setting]:
+        """The fields' settings (the method's choices from the registry) and every method's own settings."""
+        out = []
+        for s in super().settings():
+            if s.name == "method":
+                s = replace(s, choices=tuple(METHODS), choice_help=tuple(m.summary for m in METHODS.values()))
+            out.append(s)
+        return out
+
+    @classmethod
+    def extra_settings(cls) -> list[Setting]:
+        return list(method_settings().values())
+
+    @classmethod
+    def _build(cls, values: dict[str, Any]) -> AdapterConfig:
+        fixed = {k: values[k] for k in ("method", "rank", "alpha", "target_modules") if k in values}
+        return cls(**fixed, options={k: v for k, v in values.items() if k not in fixed})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the flat settings: method, rank, alpha, target_modules and every method setting."""
+        return {**super().to_dict(), **self.options}

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from opdiff.config import AdapterConfig
-from opdiff.methods import METHODS
+from opdiff.methods import METHODS, method_of
 
 ADAPTER_NAME = "default"
 LAYERS_ATTRIBUTE = "_opdiff_layers"  # a plain attribute: the list `inject` found, not registered submodules
@@ -152,27 +152,6 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Return every parameter the optimizer should update (adapter parameters only; the base stays frozen)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Return (adapter parameters, MPO/SVD cores), each in module order: the order optimizer state is saved in."""
-    core_ids = {id(p) for m in model.modules() if getattr(m, "is_mpo", False) for p in m.parameters()}
-    params = trainable_parameters(model)
-    return [p for p in params if id(p) not in core_ids], [p for p in params if id(p) in core_ids]
-
-
 def param_groups(model: nn.Module, lr: float) -> list[dict]:
-    """Return optimizer parameter groups: "adapter" at `lr` and "mpo" (MPO/SVD cores) at `config.mpo_lr`.
-
-    lora-over.txt Tables 4 and 6 give the cores their own learning rate (MPO_LR). Methods that convert matrices
-    while training (MPOP/MPOR) get an "mpo" group from the start, empty until the first conversion.
-    """
-    config: AdapterConfig = model.opdiff_config
-    rest, cores = split_parameters(model)
-    groups = [{"params": rest, "lr": lr, "name": "adapter"}] if rest else []
-    if cores or "select" in model.opdiff:
-        groups.append({"params": cores, "lr": config.mpo_lr if config.mpo_lr is not None else lr, "name": "mpo"})
-    return groups
+    """Return the optimizer parameter groups the injected method asks for (`Method.param_groups`)."""
+    return method_of(model).param_groups(model, lr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from opdiff.methods.lora_over_select import selector
+from opdiff.methods import method_of
 
 
 def training_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -19,17 +19,11 @@ def training_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_training_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a `training_state_dict` into a freshly injected model (same config), in place.
 
-    Matrices that a selection had turned into MPO are turned into MPO again first, so the cores have a place.
-    Build the optimizer after this call. Raises ValueError naming missing or unexpected keys.
+    The method first rebuilds any structure its saved state describes (`Method.before_load`: e.g. matrices a
+    selection had given MPO cores get them again), so every tensor has a place. Build the optimizer after this
+    call. Raises ValueError naming missing or unexpected keys.
     """
-    sel = selector(model)
-    if sel is not None:
-        for name, buf in sel.named_buffers():
-            key = f"opdiff.select.{name}"
-            if key not in state:
-                raise ValueError(f"checkpoint lacks the selection state {key!r}")
-            buf.copy_(state[key])
-        sel.restore(model)
+    method_of(model).before_load(model, state)
     expected = training_state_dict(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

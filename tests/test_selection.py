@@ -7,6 +7,7 @@ import torch
 from test_methods import TinyNet, batch
 
 import opdiff
+from opdiff.methods.lora_over import MPOWeight
 
 
 def make(method: str, **kw) -> TinyNet:
@@ -31,23 +32,28 @@ def eval_loss(model):
 
 
 def run(model, optimizer, steps: range) -> tuple[list[float], list[dict]]:
-    """The training loop every pipeline uses, in miniature; returns losses and selection events."""
-    sel = opdiff.selector(model)
+    """The training loop every pipeline uses, in miniature, with the method's hooks; returns losses and events."""
+    method = opdiff.method_of(model)
     losses, events = [], []
     for step in steps:
         with opdiff.materialize(model):
             loss = loss_on(model, step)
             loss.backward()
-        sel.observe(model)
+        method.after_backward(model, step + 1)
         optimizer.step()
         optimizer.zero_grad()
-        events += sel.step(model, step + 1, optimizer, eval_loss(model))
+        events += method.after_step(model, step + 1, optimizer, eval_loss(model))
         losses.append(loss.item())
     return losses, events
 
 
+def selector(model):
+    """The selection state the MPOP/MPOR methods keep under `model.opdiff`."""
+    return model.opdiff["select"]
+
+
 def n_mpo_per_group(model) -> dict[str, int]:
-    sel = opdiff.selector(model)
+    sel = selector(model)
     counts: dict[str, int] = {}
     for k, group in enumerate(sel.groups):
         counts[group] = counts.get(group, 0) + int(hasattr(sel.matrix(model, k), "parametrizations"))
@@ -59,16 +65,20 @@ def test_schedule_ends_with_exactly_n_mpo_matrices_per_group(method):
     model = make(method)
     opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
     _, events = run(model, opt, range(8))
-    assert n_mpo_per_group(model) == {g: 2 for g in opdiff.selector(model).groups}
+    assert n_mpo_per_group(model) == {g: 2 for g in selector(model).groups}
     steps = sorted({e["step"] for e in events})
     # MPOP: all at once after warm-up; MPOR: ceil(2 / 2) = 1 per group every 2 steps, two rounds.
     assert steps == ([2] if method == "lora-over-mpop" else [2, 4])
     def order(rows):
         return sorted(rows, key=lambda r: (r["step"], r["group"], r["layer"], r["matrix"]))
 
-    assert order(opdiff.selector(model).log()) == order(events)
+    sel = selector(model)
+    chosen = [{"step": int(sel.chosen_step[k]), "group": sel.groups[k], "layer": sel.layer_names[k // 2],
+               "matrix": "AB"[k % 2], "score": float(sel.chosen_score[k])}
+              for k in range(len(sel.groups)) if sel.chosen_step[k] >= 0]
+    assert order(chosen) == order(events)
     mpo = next(g for g in opt.param_groups if g["name"] == "mpo")
-    cores = [p for m in model.modules() if getattr(m, "is_mpo", False) for p in m.parameters()]
+    cores = [p for m in model.modules() if isinstance(m, MPOWeight) for p in m.parameters()]
     assert len(mpo["params"]) == len(cores) == 8 * 2 * 3  # 8 groups x N=2 x 3 cores
     assert all(any(p is c for p in mpo["params"]) for c in cores)
     # Converted tensors left the optimizer with their state.
@@ -81,7 +91,7 @@ def test_schedule_ends_with_exactly_n_mpo_matrices_per_group(method):
 def test_conversion_at_any_step_leaves_the_output_unchanged():
     model = make("lora-over-mpor", select_every=1000)
     opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
-    sel = opdiff.selector(model)
+    sel = selector(model)
     x, ctx, _ = batch(9)
     for step in range(4):
         run(model, opt, range(step, step + 1))
@@ -98,7 +108,7 @@ def test_eq8_scores_match_autograd():
     model = make("lora-over-mpor", select_every=1000)
     opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
     run(model, opt, range(2))  # so that B != 0
-    sel = opdiff.selector(model)
+    sel = selector(model)
     sel.scores.zero_()
     mats = [sel.matrix(model, k).weight for k in range(len(sel.groups))]
     grads = torch.autograd.grad(loss_on(model, 5), mats)
@@ -114,7 +124,7 @@ def test_eq7_scores_match_zeroing_by_hand():
     model = make("lora-over-mpop", select_warmup_steps=1000)
     opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
     run(model, opt, range(3))
-    sel = opdiff.selector(model)
+    sel = selector(model)
     f = eval_loss(model)
     scores = sel._loss_scores(model, f)
     base = f()
@@ -161,3 +171,17 @@ def test_checkpoint_mismatch_is_named():
         opdiff.load_training_state_dict(make("lora-over-mpor"), state)
     with pytest.raises(ValueError, match="does not match this adapter"):
         opdiff.load_training_state_dict(make("lora"), opdiff.training_state_dict(make("op-lora")))
+
+
+def test_custom_param_groups_keep_each_parameter_in_exactly_one_group():
+    """A user's own groups (here the LoRA matrices split in two) survive conversions: none gains another's."""
+    model = make("lora-over-mpor")
+    adapter, mpo = opdiff.param_groups(model, lr=1e-2)
+    half = len(adapter["params"]) // 2
+    opt = torch.optim.AdamW([{**adapter, "params": adapter["params"][:half]},
+                             {"params": adapter["params"][half:], "lr": 5e-3, "name": "slower"}, mpo])
+    run(model, opt, range(8))
+    in_opt = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(in_opt) == len(set(in_opt)), "a parameter sits in two groups"
+    assert set(in_opt) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert opt.param_groups[1]["lr"] == 5e-3 and 0 < len(opt.param_groups[1]["params"]) <= len(adapter["params"]) - half

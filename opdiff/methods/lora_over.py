@@ -9,14 +9,15 @@ Contracting the cores gives back the plain matrix, so the adapter ships as an or
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from opdiff import mpo
-from opdiff.methods import Method, register
+from opdiff.methods.base import Method, register, trainable_parameters
 from opdiff.reparam import StepCached, reparameterize
+from opdiff.settings import Setting
 
 if TYPE_CHECKING:
     from opdiff.config import AdapterConfig
@@ -43,8 +44,6 @@ class MPOBank(StepCached):
 
 class MPOWeight(nn.Module):
     """Parametrization: the matrix is the contraction of its trainable MPO cores."""
-
-    is_mpo = True  # marks the cores for the `mpo_lr` optimizer group
 
     def __init__(self, cores: list[torch.Tensor], bank: MPOBank | None = None) -> None:
         super().__init__()
@@ -91,15 +90,70 @@ def to_mpo(linear: nn.Linear, n_cores: int, banks: nn.ModuleDict | None = None) 
     return function
 
 
-def _attach_all(n_cores_of) -> callable:
-    def attach(model: nn.Module, layers: list[AdaptedLayer], config: AdapterConfig) -> None:
+MPO_CORES = Setting(
+    "mpo_cores", int, 5, "How many small tensors (cores) each adapter matrix is split into while training. More cores "
+    "train more parameters; the exported file is the same plain LoRA.",
+    ref="lora-over.txt Eq. 3: the number of local tensors m; lora-over-svd always uses 2", label="MPO cores",
+    minimum=2)
+MPO_LR = Setting(
+    "mpo_lr", float | None, None, "Learning rate of the MPO/SVD cores.", optional=True,
+    none_means="the main learning rate", ref="lora-over.txt Tables 4 and 6, MPO_LR", label="core learning rate",
+    above=0)
+
+
+def mpo_cores(model: nn.Module) -> list[nn.Parameter]:
+    """The model's MPO/SVD cores in module order (the order optimizer state is saved in)."""
+    return [p for m in model.modules() if isinstance(m, MPOWeight) for p in m.parameters() if p.requires_grad]
+
+
+def n_add(model: nn.Module) -> int:
+    """Parameters the MPO cores add over the plain matrices they replace (lora-over.txt Eq. 6, summed)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, MPOWeight):
+            i_factors = [c.shape[1] for c in m.cores]
+            j_factors = [c.shape[2] for c in m.cores]
+            total += mpo.n_add(i_factors, j_factors)
+    return total
+
+
+class LoRAOver(Method):
+    """LoRA-Over SVD/MPO: every A and B trained as cores (`n_cores(config)` of them); cores get `mpo_lr`."""
+
+    def __init__(self, name: str, summary: str, n_cores, **kw: Any) -> None:
+        super().__init__(name, summary, **kw)
+        self.n_cores = n_cores
+
+    def attach(self, model: nn.Module, layers: list[AdaptedLayer], config: AdapterConfig) -> None:
         for a in layers:
-            to_mpo(a.lora_A, n_cores_of(config), model.opdiff)
-            to_mpo(a.lora_B, n_cores_of(config), model.opdiff)
-    return attach
+            to_mpo(a.lora_A, self.n_cores(config), model.opdiff)
+            to_mpo(a.lora_B, self.n_cores(config), model.opdiff)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """An "adapter" group at `lr` (if anything is not a core) and an "mpo" group of the cores at `mpo_lr`."""
+        cores = mpo_cores(model)
+        core_ids = {id(p) for p in cores}
+        rest = [p for p in trainable_parameters(model) if id(p) not in core_ids]
+        mpo_lr = model.opdiff_config.mpo_lr
+        groups = [{"params": rest, "lr": lr, "name": "adapter"}] if rest else []
+        return groups + [{"params": cores, "lr": mpo_lr if mpo_lr is not None else lr, "name": "mpo"}]
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        """N_add of Eq. 6 over every matrix that has cores now."""
+        return {"n_add": n_add(model)}
 
 
-register(Method("lora-over-svd", use_dora=False, attach=_attach_all(lambda c: 2),
-                summary="LoRA-Over-SVD: every A and B trained as 2 SVD cores; ships as plain LoRA."))
-register(Method("lora-over-mpo", use_dora=False, attach=_attach_all(lambda c: c.mpo_cores),
-                summary="LoRA-Over-MPO: every A and B trained as an m-core MPO; ships as plain LoRA."))
+register(LoRAOver(
+    "lora-over-svd", "LoRA-Over-SVD: every A and B trained as 2 SVD cores; ships as plain LoRA.",
+    n_cores=lambda config: 2, settings=(MPO_LR,),
+    about="LoRA-Over with SVD: every adapter matrix is trained as two factors and multiplied back at export. "
+          "A light over-parameterization; ships as a plain LoRA.",
+    ref="lora-over.txt Sec. 4.2",
+))
+register(LoRAOver(
+    "lora-over-mpo", "LoRA-Over-MPO: every A and B trained as an m-core MPO; ships as plain LoRA.",
+    n_cores=lambda config: config.mpo_cores, settings=(MPO_CORES, MPO_LR),
+    about="LoRA-Over with MPO: every adapter matrix is trained as a chain of small tensors and multiplied back at "
+          "export. More trainable parameters than LoRA at the same rank; ships as a plain LoRA.",
+    ref="lora-over.txt Sec. 4.2, Eq. 3",
+))

@@ -16,14 +16,14 @@ cores to the optimizer's `mpo` group and drops the old tensor's optimizer state.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from opdiff.methods import Method, register
-from opdiff.methods.lora_over import to_mpo
+from opdiff.methods.base import ProbeLoss, register
+from opdiff.methods.lora_over import MPO_CORES, MPO_LR, LoRAOver, mpo_cores, to_mpo
+from opdiff.settings import Setting
 
 if TYPE_CHECKING:
     from opdiff.config import AdapterConfig
@@ -77,7 +77,7 @@ class Selector(nn.Module):
                     self.scores[k] += (w.grad.double() * w.double()).sum().abs()
 
     def step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None,
-             eval_loss: Callable[[], float] | None = None) -> list[dict]:
+             eval_loss: ProbeLoss | None = None) -> list[dict]:
         """Run the selection due after optimizer step `step` (1-based); return what was chosen (may be empty).
 
         MPOP needs `eval_loss`: the loss on the fixed scoring batches under the current weights (no grad).
@@ -110,7 +110,7 @@ class Selector(nn.Module):
         return chosen
 
     @torch.no_grad()
-    def _loss_scores(self, model: nn.Module, eval_loss: Callable[[], float]) -> torch.Tensor:
+    def _loss_scores(self, model: nn.Module, eval_loss: ProbeLoss) -> torch.Tensor:
         """Eq. 7 by definition: zero each matrix in turn and measure the change of the loss."""
         base = eval_loss()
         scores = torch.zeros(len(self.groups), dtype=torch.float64)
@@ -136,43 +136,104 @@ class Selector(nn.Module):
             if self.chosen_step[k] >= 0 and not hasattr(self.matrix(model, k), "parametrizations"):
                 to_mpo(self.matrix(model, k), self.config.mpo_cores, model.opdiff)
 
-    def log(self) -> list[dict]:
-        """Every chosen matrix with its step and score, in the order they were chosen."""
-        rows = [{"step": int(self.chosen_step[k]), "group": self.groups[k], "layer": self.layer_names[k // 2],
-                 "matrix": MATRICES[k % 2], "score": float(self.chosen_score[k])}
-                for k in range(len(self.groups)) if self.chosen_step[k] >= 0]
-        return sorted(rows, key=lambda r: (r["step"], r["group"]))
-
 
 def sync_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, dropped: torch.Tensor) -> None:
-    """Drop `dropped` and its state from the optimizer; give the `mpo` group the model's cores in module order.
+    """Take `dropped` (a matrix just given cores) and its state out of the optimizer; give the `mpo` group the
+    model's cores in module order.
 
     Module order (not conversion order) keeps a saved optimizer state loadable into a model rebuilt on resume.
+    Every other group keeps its parameters: a parameter is never in two groups.
     """
-    from opdiff.inject import split_parameters
-
     optimizer.state.pop(dropped, None)
-    rest, cores = split_parameters(model)
-    names = {g.get("name") for g in optimizer.param_groups}
-    if "mpo" not in names:
+    groups = {g.get("name"): g for g in optimizer.param_groups}
+    if "mpo" not in groups:
         raise ValueError("optimizer has no 'mpo' param group: build it with opdiff.param_groups(model, lr)")
     for group in optimizer.param_groups:
-        group["params"] = cores if group.get("name") == "mpo" else rest
+        if group is groups["mpo"]:
+            group["params"] = mpo_cores(model)
+        else:
+            group["params"] = [p for p in group["params"] if p is not dropped]
 
 
-def selector(model: nn.Module) -> Selector | None:
-    """Return the model's selector, or None when its method selects nothing."""
-    state = getattr(model, "opdiff", None)
-    return state["select"] if state is not None and "select" in state else None
+def _selector(model: nn.Module) -> Selector:
+    return model.opdiff["select"]
 
 
-def _attach(strategy: str):
-    def attach(model: nn.Module, layers: list[AdaptedLayer], config: AdapterConfig) -> None:
-        model.opdiff["select"] = Selector(layers, strategy, config)
-    return attach
+SELECT_TOP_N = Setting(
+    "select_top_n", int, 4, "How many matrices per group get MPO cores (the most important ones).",
+    ref="lora-over.txt Alg. 2, top-N; groups are module kind x A/B", label="matrices per group", minimum=1)
+SELECT_SPLIT = Setting(
+    "select_split", int, 4, "In how many rounds the runtime selection picks its matrices: each round adds "
+    "N / split of them per group.", ref="lora-over.txt Alg. 2, split number", label="selection rounds", minimum=1)
+SELECT_EVERY = Setting(
+    "select_every", int, 50, "Training steps between two runtime selection rounds.",
+    ref="lora-over.txt Alg. 2, t", label="steps between rounds", minimum=1)
+SELECT_WARMUP_STEPS = Setting(
+    "select_warmup_steps", int, 100, "Plain LoRA training steps before the importance of each matrix is measured "
+    "and the chosen ones get MPO cores.", ref="lora-over.txt Sec. 4.3, Eq. 7", label="LoRA warm-up steps",
+    minimum=1)
+SELECT_BATCHES = Setting(
+    "select_batches", int, 4, "Fixed batches the importance measurement averages the loss over.",
+    ref="lora-over.txt Eq. 7", label="scoring batches", minimum=1)
 
 
-register(Method("lora-over-mpop", use_dora=False, attach=_attach("predefined"),
-                summary="LoRA-Over-MPOP: LoRA warm-up, then the top-N matrices per group by Eq. 7 become MPO."))
-register(Method("lora-over-mpor", use_dora=False, attach=_attach("runtime"),
-                summary="LoRA-Over-MPOR: every t steps the top matrices per group by Eq. 8 become MPO, until N."))
+class Selecting(LoRAOver):
+    """LoRA-Over MPOP/MPOR: plain LoRA whose most important matrices get MPO cores while training (Alg. 2)."""
+
+    events_title = "Matrices given MPO cores"
+
+    def __init__(self, name: str, summary: str, strategy: str, **kw: Any) -> None:
+        super().__init__(name, summary, n_cores=lambda config: config.mpo_cores, **kw)
+        self.strategy = strategy  # "predefined" (MPOP, Eq. 7) or "runtime" (MPOR, Eq. 8)
+
+    def attach(self, model: nn.Module, layers: list[AdaptedLayer], config: AdapterConfig) -> None:
+        """Plain LoRA layers and the selection state; nothing has cores yet."""
+        model.opdiff["select"] = Selector(layers, self.strategy, config)
+
+    def schedule_warning(self, config: AdapterConfig, total_steps: int) -> str | None:
+        """Say when the selection would not choose all N per group within the run."""
+        if self.strategy == "runtime":
+            rounds = math.ceil(config.select_top_n / math.ceil(config.select_top_n / config.select_split))
+            last, flag = config.select_every * rounds, "--select-every"
+        else:
+            last, flag = config.select_warmup_steps, "--select-warmup-steps"
+        if last > total_steps:
+            return (f"{self.name}: the selection schedule ends at step {last} but the run has {total_steps} steps; "
+                    f"lower {flag}")
+        return None
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        """MPOR: accumulate this step's Eq. 8 scores."""
+        _selector(model).observe(model)
+
+    def after_step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer,
+                   probe_loss: ProbeLoss) -> list[dict]:
+        """Run the selection round due now, if any; return the matrices given cores."""
+        return _selector(model).step(model, step, optimizer, probe_loss)
+
+    def before_load(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load the selection buffers, then give the matrices chosen so far their cores back."""
+        sel = _selector(model)
+        for name, buf in sel.named_buffers():
+            key = f"opdiff.select.{name}"
+            if key not in state:
+                raise ValueError(f"checkpoint lacks the selection state {key!r}")
+            buf.copy_(state[key])
+        sel.restore(model)
+
+
+SELECTION_SETTINGS = (MPO_CORES, MPO_LR, SELECT_TOP_N)
+register(Selecting(
+    "lora-over-mpop", "LoRA-Over-MPOP: LoRA warm-up, then the top-N matrices per group by Eq. 7 become MPO.",
+    strategy="predefined", settings=(*SELECTION_SETTINGS, SELECT_WARMUP_STEPS, SELECT_BATCHES),
+    about="LoRA-Over with a predefined selection: LoRA trains first; then the matrices whose removal changes the "
+          "loss most get MPO cores. Ships as a plain LoRA.",
+    ref="lora-over.txt Sec. 4.3, Eq. 7, Alg. 2",
+))
+register(Selecting(
+    "lora-over-mpor", "LoRA-Over-MPOR: every t steps the top matrices per group by Eq. 8 become MPO, until N.",
+    strategy="runtime", settings=(*SELECTION_SETTINGS, SELECT_SPLIT, SELECT_EVERY),
+    about="LoRA-Over with a runtime selection: every few steps the matrices with the largest gradient-times-weight "
+          "get MPO cores, until N per group have them. Ships as a plain LoRA.",
+    ref="lora-over.txt Sec. 4.3, Eq. 8, Alg. 2",
+))

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from opdiff.methods import Method, register
+from opdiff.methods.base import Method, register
 from opdiff.reparam import Part, StepCached, reparameterize
+from opdiff.settings import Setting
 
 if TYPE_CHECKING:
     from opdiff.config import AdapterConfig
@@ -74,28 +75,51 @@ class OPGenerator(StepCached):
         return result
 
 
-def _attach_op(model: nn.Module, layers: list[AdaptedLayer], config: AdapterConfig) -> None:
-    """Replace every layer's A, B (and DoRA m) by its MLP's output."""
-    by_shape: dict[tuple[int, int, int], list[AdaptedLayer]] = defaultdict(list)
-    for a in layers:
-        r, d_in = a.lora_A.weight.shape
-        by_shape[(r, d_in, a.lora_B.weight.shape[0])].append(a)
-    for (r, d_in, d_out), group in by_shape.items():
-        ref = group[0].lora_A.weight
-        magnitudes = None
-        if group[0].magnitude is not None:
-            magnitudes = torch.stack([a.magnitude.weight.detach() for a in group])  # (L, d_out)
-        gen = OPGenerator(len(group), r, d_in, d_out, config.op_width, config.op_embed_dim, magnitudes)
-        gen.to(device=ref.device, dtype=ref.dtype)
-        model.opdiff[f"op_{r}x{d_in}x{d_out}"] = gen
-        for i, a in enumerate(group):
-            reparameterize(a.lora_A, "weight", Part(gen, "A", i))
-            reparameterize(a.lora_B, "weight", Part(gen, "B", i))
-            if magnitudes is not None:
-                reparameterize(a.magnitude, "weight", Part(gen, "m", i))
+OP_WIDTH = Setting(
+    "op_width", int, 32, "Hidden width of the small network that predicts each layer's adapter while training. "
+    "Wider trains more parameters; it does not change the exported file.",
+    ref="op-lora.txt Sec. 4.1 and Table 8: 32 for SDXL", label="generator width", minimum=1)
+OP_EMBED_DIM = Setting(
+    "op_embed_dim", int, 128, "Size of the learned input vector of each layer's generator network.",
+    ref="op-lora.txt App. B.2", label="generator input size", minimum=1)
 
 
-register(Method("op-lora", use_dora=False, attach=_attach_op,
-                summary="OP-LoRA: A and B predicted by a per-layer MLP while training; ships as plain LoRA."))
-register(Method("op-dora", use_dora=True, attach=_attach_op,
-                summary="OP-DoRA: OP-LoRA plus a second MLP head for the DoRA magnitude; ships as plain DoRA."))
+class OverParameterized(Method):
+    """OP-LoRA / OP-DoRA: every layer's A, B (and DoRA m) is its MLP's output (Eq. 4)."""
+
+    def attach(self, model: nn.Module, layers: list[AdaptedLayer], config: AdapterConfig) -> None:
+        """Replace every layer's A, B (and DoRA m) by its MLP's output; layers of one shape share one batched call."""
+        by_shape: dict[tuple[int, int, int], list[AdaptedLayer]] = defaultdict(list)
+        for a in layers:
+            r, d_in = a.lora_A.weight.shape
+            by_shape[(r, d_in, a.lora_B.weight.shape[0])].append(a)
+        for (r, d_in, d_out), group in by_shape.items():
+            ref = group[0].lora_A.weight
+            magnitudes = None
+            if group[0].magnitude is not None:
+                magnitudes = torch.stack([a.magnitude.weight.detach() for a in group])  # (L, d_out)
+            gen = OPGenerator(len(group), r, d_in, d_out, config.op_width, config.op_embed_dim, magnitudes)
+            gen.to(device=ref.device, dtype=ref.dtype)
+            model.opdiff[f"op_{r}x{d_in}x{d_out}"] = gen
+            for i, a in enumerate(group):
+                reparameterize(a.lora_A, "weight", Part(gen, "A", i))
+                reparameterize(a.lora_B, "weight", Part(gen, "B", i))
+                if magnitudes is not None:
+                    reparameterize(a.magnitude, "weight", Part(gen, "m", i))
+
+
+register(OverParameterized(
+    "op-lora", "OP-LoRA: A and B predicted by a per-layer MLP while training; ships as plain LoRA.",
+    settings=(OP_WIDTH, OP_EMBED_DIM),
+    about="OP-LoRA: while training, a small network per layer predicts A and B; the network is dropped at export, "
+          "so the file is an ordinary LoRA. Trains more stably across learning rates than LoRA, at more memory "
+          "per step.",
+    ref="op-lora.txt Sec. 3.1, Eq. 4",
+))
+register(OverParameterized(
+    "op-dora", "OP-DoRA: OP-LoRA plus a second MLP head for the DoRA magnitude; ships as plain DoRA.", use_dora=True,
+    settings=(OP_WIDTH, OP_EMBED_DIM),
+    about="OP-DoRA: OP-LoRA with DoRA's learned magnitude, predicted by a second output of the same network. "
+          "Ships as a DoRA file.",
+    ref="op-lora.txt Sec. 3.1",
+))
