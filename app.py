@@ -1,6 +1,6 @@
 """opdiff in the browser: upload images, train an adapter, compare, score with CMMD, download the LoRA.
 
-    python app.py [--host 127.0.0.1] [--port 7860] [--output-dir runs] [--max-upload-mb 500]
+    python app.py [--host 127.0.0.1] [--port 7860] [--output-dir runs] [--max-upload-mb 500]    (or: opdiff-app ...)
 
 A thin shell over `pipelines`: widgets and glue only. Training runs in `pipelines.jobs.TrainingJobs`, a
 background worker the page polls, so closing or reloading the page neither stops nor loses a run. Every event
@@ -20,22 +20,21 @@ import html  # noqa: E402
 import inspect  # noqa: E402
 import sys  # noqa: E402
 import typing  # noqa: E402
-from dataclasses import MISSING, fields, replace  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from metrics import ClipWeightsMissing  # noqa: E402
-from opdiff import METHODS, AdapterConfig  # noqa: E402
+from opdiff.settings import GROUPS, Setting  # noqa: E402
 from pipelines import jobs  # noqa: E402
-from pipelines.config import BUNDLED_DATA, TrainConfig, field_docs, resume_config  # noqa: E402
-from pipelines.evaluate import TINY_RANDOM, evaluate_run, trust_label  # noqa: E402
-from pipelines.export import DTYPE_SUFFIXES, FORMATS, export, output_files  # noqa: E402
+from pipelines.config import BUNDLED_DATA, TrainConfig, resume_config  # noqa: E402
+from pipelines.evaluate import DEMO_CLIP, ClipWeightsMissing, EvalConfig, evaluate_run, trust_label  # noqa: E402
+from pipelines.export import DTYPE_SUFFIXES, DTYPES, FORMATS, ExportConfig, export, output_files  # noqa: E402
 
-EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EXPORT_DEFAULTS = ExportConfig(Path("."))
+"""The export settings' defaults (the command line's too)."""
 GUI_CACHE_DIR = ".gradio"
 """Sub-folder of the output folder for uploads and the files the page shows: nothing is served from elsewhere."""
 CACHE_DIR = "cache"
@@ -43,67 +42,61 @@ CACHE_DIR = "cache"
 POLL_SECONDS = 1.0
 THUMBNAIL_PX = 256
 
-# The training form: TrainConfig fields, in the order shown. Adapter-method fields say in their help which
-# methods read them, so the form shows them all rather than switching on method names.
-BASIC_FIELDS = ("rank", "alpha", "lr", "epochs", "max_steps", "batch_size", "resolution", "seed")
-METHOD_FIELDS = ("op_width", "op_embed_dim", "mpo_cores", "mpo_lr", "select_top_n", "select_split", "select_every",
-                 "select_warmup_steps", "select_batches")
-ADVANCED_FIELDS = ("caption", "buckets", "random_crop", "flip", "target_modules", "weight_decay", "mixed_precision",
-                   "gradient_checkpointing", "checkpoint_every", "vae", "device", "sample_prompts", "sample_seeds",
-                   "sample_steps", "guidance_scale")
-HELP = {**field_docs(AdapterConfig), **field_docs(TrainConfig)}
-HINTS = typing.get_type_hints(TrainConfig)
+# The training form is built from TrainConfig's settings (`opdiff.settings.Setting`): one widget per setting,
+# laid out by group; a method's own settings are shown only while a method that reads them is chosen.
+FORM_SETTINGS = [s for s in TrainConfig.settings() if s.name not in ("output_dir", "resume")]
+GROUP_TITLES = {"method": "Method settings", "data": "Captions and images", "sampling": "Sample images",
+                "advanced": "Advanced"}
 
 
-def _optional_inner(hint: object) -> tuple[object, bool]:
-    """(X, True) for `X | None`, else (hint, False)."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return hint, False
+def form_spec(method: str) -> dict[str, list[str]]:
+    """The training form for `method`: {group: names of the settings shown}, in the order shown."""
+    spec: dict[str, list[str]] = {g: [] for g in GROUPS}
+    for s in FORM_SETTINGS:
+        if s.applies_to(method):
+            spec[s.group].append(s.name)
+    return {g: names for g, names in spec.items() if names}
 
 
-def _default(name: str) -> object:
-    f = next(f for f in fields(TrainConfig) if f.name == name)
-    return f.default if f.default is not MISSING else f.default_factory()
+def _info(s: Setting) -> str:
+    """A widget's help line: plain help, what an empty box means, and the source in brackets."""
+    text = s.help
+    if s.optional and s.none_means:
+        text += f" Empty: {s.none_means}."
+    return text + (f" [{s.ref}]" if s.ref else "")
 
 
-def _field_widget(name: str) -> gr.components.Component:
-    """A form widget for TrainConfig field `name`, typed from its annotation, help from its docstring."""
-    tp, optional = _optional_inner(HINTS[name])
-    default, info = _default(name), HELP[name]
-    if optional:
-        info += " Empty (or 0 for a number): the default."
-    elem_id = f"field-{name}"
-    if tp is bool:
-        return gr.Checkbox(default, label=name, info=info, elem_id=elem_id)
-    if typing.get_origin(tp) is typing.Literal:
-        return gr.Radio(list(typing.get_args(tp)), value=default, label=name, info=info, elem_id=elem_id)
-    if typing.get_origin(tp) is tuple:
-        return gr.Textbox("\n".join(map(str, default)), label=name, info=info + " One per line.", lines=2,
-                          elem_id=elem_id)
-    if tp is int:
-        return gr.Number(default, label=name, info=info, precision=0, elem_id=elem_id)
-    if tp is float:
-        return gr.Number(default, label=name, info=info, elem_id=elem_id)
-    return gr.Textbox(default or "", label=name, info=info, elem_id=elem_id)
+def _widget(s: Setting, visible: bool = True) -> gr.components.Component:
+    """The form widget for one setting, typed from its description."""
+    common = {"label": s.title, "info": _info(s), "elem_id": f"field-{s.name}", "visible": visible}
+    if s.base_type is bool:
+        return gr.Checkbox(s.default, **common)
+    if s.allowed is not None:
+        labels = [f"{c}: {h}" for c, h in zip(s.allowed, s.choice_help, strict=True)] if s.choice_help else s.allowed
+        return gr.Dropdown(list(zip(labels, s.allowed, strict=True)), value=s.default, **common)
+    if s.is_list:
+        return gr.Textbox("\n".join(map(str, s.default)), lines=2, **{**common, "info": common["info"] +
+                                                                        " One per line."})
+    if s.item_type in (int, float):
+        return gr.Number(s.default, precision=0 if s.item_type is int else None, **common)
+    return gr.Textbox("" if s.default is None else str(s.default), **common)
 
 
 def _config_from_form(values: dict) -> TrainConfig:
-    """Turn the form's values into a TrainConfig (multi-line text -> tuples, empty or 0 -> None where optional)."""
-    settings = {}
+    """Turn the form's values into a TrainConfig; an empty box (or 0 where 0 is not allowed) of an optional
+    setting means its default."""
+    settings = {s.name: s for s in TrainConfig.settings()}
+    clean = {}
     for name, value in values.items():
-        tp, optional = _optional_inner(HINTS[name])
-        if typing.get_origin(tp) is tuple:
-            item = typing.get_args(tp)[0]
-            value = tuple(item(line.strip()) for line in str(value or "").splitlines() if line.strip())
-        elif value is None or value == "" or (optional and value == 0):  # an emptied number box sends 0
-            if not optional:
-                raise gr.Error(f"{name} needs a value")
-            value = None
-        settings[name] = value
+        s = settings[name]
+        if s.optional and value == 0 and s.item_type in (int, float):
+            try:
+                s.check(0)
+            except ValueError:  # an emptied number box sends 0
+                value = None
+        clean[name] = value
     try:
-        return TrainConfig.from_dict(settings)
+        return TrainConfig.from_dict(clean)
     except ValueError as e:
         raise gr.Error(str(e)) from e
 
@@ -236,6 +229,10 @@ class App:
             raise gr.Error(str(e)) from e
         return self.poll()
 
+    def method_changed(self, method: str) -> list:
+        """Show the settings the chosen method reads, hide the other methods' settings."""
+        return [gr.update(visible=s.applies_to(method)) for s in FORM_SETTINGS if s.read_by is not None]
+
     def stop_training(self) -> tuple:
         """Ask the run to stop after its current step; it still saves and exports what it has."""
         self.jobs.stop()
@@ -246,11 +243,11 @@ class App:
         status = self.jobs.status()
         # Typed even when empty: the plot fixes its axes' kind (numbers, not categories) from the first value.
         losses = pd.DataFrame(status.losses, columns=["step", "loss"]).astype({"step": int, "loss": float})
-        selected = pd.DataFrame(list(status.selections), columns=["step", "group", "layer", "matrix", "score"])
+        events = pd.DataFrame(list(status.events))
         return (
             _status_html(status),
             losses,
-            gr.update(value=selected, visible=bool(status.selections)),
+            gr.update(value=events, visible=bool(status.events)),
             status.to_dict(),
             gr.update(interactive=not status.running),
             gr.update(interactive=status.running and status.state != "stopping"),
@@ -268,7 +265,7 @@ class App:
         prompt_list = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
         base = None if run_dirs else TrainConfig().base
         try:
-            result = jobs.compare_runs(run_dirs, self.output_dir / jobs.COMPARE_DIR, prompt_list, seed_list,
+            result, grid = jobs.compare_runs(run_dirs, self.output_dir / jobs.COMPARE_DIR, prompt_list, seed_list,
                                        int(steps) if steps else None, base=base)
         except ValueError as e:
             raise gr.Error(str(e)) from e
@@ -278,7 +275,7 @@ class App:
         if len(result.titles) == 2:  # base and one run: the first prompt and seed under a slider
             label, (left, right) = result.rows[0]
             slider = gr.update(value=(left, right), visible=True, label=" | ".join(result.titles) + f": {label}")
-        return slider, cells, str(result.grid)
+        return slider, cells, str(grid)
 
     def _run(self, name: str | None) -> Path:
         try:
@@ -307,13 +304,13 @@ class App:
             raise gr.Error("choose at least one finished run")
         run_dirs = [self._run(name) for name in runs]
         try:
-            embedder = jobs.cached_embedder(TINY_RANDOM if clip == TINY_RANDOM else None, clip_checkpoint or None)
+            embedder = jobs.cached_embedder(DEMO_CLIP if clip == DEMO_CLIP else None, clip_checkpoint or None)
         except (ClipWeightsMissing, ValueError) as e:
             raise gr.Error(str(e)) from e
         for run_dir in progress.tqdm(run_dirs, desc="evaluating"):
             try:
-                evaluate_run(run_dir, embedder, steps=int(steps) if steps else None,
-                             limit=int(limit) if limit else None, base_too=base_too)
+                evaluate_run(EvalConfig(run_dir, steps=int(steps) if steps else None,
+                                        limit=int(limit) if limit else None, base_too=base_too), embedder)
             except (ValueError, FileNotFoundError) as e:
                 raise gr.Error(f"{run_dir.name}: {e}") from e
         label = trust_label(embedder)
@@ -321,16 +318,16 @@ class App:
 
     # -- Export tab
 
-    def export_lora(self, run: str | None, fmt: str = "diffusers", dtype: str = "float16") -> tuple:
+    def export_lora(self, run: str | None, fmt: str = "diffusers", dtype: str = EXPORT_DEFAULTS.dtype) -> tuple:
         """Collapse the run's adapter into LoRA file(s) in the chosen format; return them and a loading snippet."""
         run_dir = self._run(run)
-        if dtype not in EXPORT_DTYPES:
-            raise gr.Error(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise gr.Error(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         # Named after the run, so downloads from several runs do not overwrite each other.
-        name = run_dir / f"{run_dir.name}{DTYPE_SUFFIXES[EXPORT_DTYPES[dtype]]}.safetensors"
+        name = run_dir / f"{run_dir.name}{DTYPE_SUFFIXES[DTYPES[dtype]]}.safetensors"
         try:
             # A kohya file gets the `_kohya` name it would have beside a diffusers one.
-            files = export(run_dir, output_files(name, "both").get(fmt, name), EXPORT_DTYPES[dtype], format=fmt)
+            files = export(run_dir, output_files(name, "both").get(fmt, name), DTYPES[dtype], format=fmt)
         except (ValueError, FileNotFoundError) as e:
             raise gr.Error(str(e)) from e
         return [str(f) for f in files.values()], jobs.load_snippet(run_dir, next(iter(files.values())))
@@ -404,25 +401,21 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
 
             with gr.Tab("Train", id="train") as train_tab:
                 form: dict[str, gr.components.Component] = {}
-                with gr.Row():
-                    form["base"] = gr.Textbox(TrainConfig().base, label="base", info=HELP["base"], scale=2,
-                                              elem_id="field-base")
-                    form["data"] = gr.Dropdown(label="data", info=HELP["data"], allow_custom_value=True, scale=2,
-                                               elem_id="field-data")
-                form["method"] = gr.Dropdown([(f"{name}: {m.summary}", name) for name, m in METHODS.items()],
-                                             value=TrainConfig.method, label="method", info=HELP["method"],
-                                             elem_id="field-method")
-                with gr.Row():
-                    for name in BASIC_FIELDS:
-                        form[name] = _field_widget(name)
-                with gr.Accordion("Method settings (OP-LoRA/OP-DoRA, LoRA-Over)", open=False):
-                    with gr.Row():
-                        for name in METHOD_FIELDS:
-                            form[name] = _field_widget(name)
-                with gr.Accordion("Advanced", open=False):
-                    with gr.Row():
-                        for name in ADVANCED_FIELDS:
-                            form[name] = _field_widget(name)
+                shown = form_spec(TrainConfig().method)
+                for group in GROUPS:
+                    members = [s for s in FORM_SETTINGS if s.group == group]
+                    if not members:
+                        continue
+                    title = GROUP_TITLES.get(group)
+                    with gr.Accordion(title, open=False) if title else gr.Group():
+                        with gr.Row():
+                            for s in members:
+                                visible = s.name in shown.get(group, [])
+                                if s.name == "data":  # the dataset picker: uploads and the bundled images
+                                    form["data"] = gr.Dropdown(label=s.title, info=_info(s), allow_custom_value=True,
+                                                               elem_id="field-data")
+                                else:
+                                    form[s.name] = _widget(s, visible)
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="start")
                     stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
@@ -434,8 +427,8 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                         resume = gr.Button("Resume", elem_id="resume")
                 status_html = gr.HTML(_status_html(jobs.JobStatus()))
                 loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, elem_id="loss-plot")
-                selections = gr.Dataframe(label="LoRA-Over selection: matrices given MPO cores", visible=False,
-                                          interactive=False)
+                selections = gr.Dataframe(label="What the method did", visible=False, interactive=False,
+                                          elem_id="method-events")
                 with gr.Accordion("Raw status", open=False):
                     job = gr.JSON(label="job")
                 timer = gr.Timer(POLL_SECONDS)
@@ -462,7 +455,8 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                 eval_runs = gr.Dropdown(label="Runs", multiselect=True, allow_custom_value=True, elem_id="eval-runs")
                 with gr.Row():
                     clip = gr.Radio([("CLIP ViT-L/14-336 (reference)", "reference"),
-                                     ("tiny random CLIP (tests only: scores mean nothing)", TINY_RANDOM)],
+                                     ("bundled demo CLIP (offline; ranks demo runs, not comparable to published "
+                                      "CMMD)", DEMO_CLIP)],
                                     value="reference", label="CLIP", elem_id="clip")
                     clip_checkpoint = gr.Textbox(label="CLIP weights file", info="Empty: the open_clip / Hugging "
                                                  "Face cache. Needed once for the reference model when offline.")
@@ -482,7 +476,7 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                 with gr.Row():
                     export_run = gr.Dropdown(label="Run", allow_custom_value=True, scale=3, elem_id="export-run")
                     fmt = gr.Radio(list(FORMATS), value="diffusers", label="Format")
-                    dtype = gr.Radio(list(EXPORT_DTYPES), value="float16", label="dtype")
+                    dtype = gr.Radio(list(DTYPES), value=EXPORT_DEFAULTS.dtype, label="dtype")
                 export_button = gr.Button("Export", variant="primary", elem_id="export")
                 export_files = gr.File(label="LoRA file(s)", file_count="multiple", elem_id="export-files")
                 snippet = gr.Code(language="python", label="Load it in diffusers")
@@ -493,6 +487,8 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
         view_dataset.input(app.show_dataset, view_dataset, dataset_outputs, api_name="show_dataset")
         save_button.click(app.save_captions, [view_dataset, captions], dataset_outputs, api_name="save_captions")
 
+        method_widgets = [form[s.name] for s in FORM_SETTINGS if s.read_by is not None]
+        form["method"].change(app.method_changed, form["method"], method_widgets, api_name="method_changed")
         status_outputs = [status_html, loss_plot, selections, job, start, stop]
         start.click(_keyword_handler(app.start_training, form), inputs_kwargs=form, outputs=status_outputs, api_name="start_training")
         stop.click(app.stop_training, outputs=status_outputs, api_name="stop_training")

@@ -59,6 +59,8 @@ class Setting:
     """For booleans: the flag that turns the setting off (default `--no-<name>`)."""
     positional: bool = False
     """A positional command-line argument rather than a `--flag` (e.g. a run folder)."""
+    required: bool = False
+    """No default: the user must give it."""
     cli: bool = True
     """Offered on the command line (False: set only from code or the GUI)."""
 
@@ -196,7 +198,10 @@ def _is_optional(tp: Any) -> bool:
 
 
 def _default(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not MISSING else f.default_factory()
+    """The field's default; None for a required field (a positional argument)."""
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
 
 
 class Settings:
@@ -217,7 +222,9 @@ class Settings:
             if isinstance(tp, type) and issubclass(tp, Settings):
                 out += tp.settings()
             elif "setting" in f.metadata:
-                out.append(Setting(f.name, tp, _default(f), optional=_is_optional(tp), **f.metadata["setting"]))
+                required = f.default is MISSING and f.default_factory is MISSING
+                out.append(Setting(f.name, tp, _default(f), optional=_is_optional(tp), required=required,
+                                   **f.metadata["setting"]))
         return out + cls.extra_settings()
 
     @classmethod

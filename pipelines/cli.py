@@ -1,26 +1,34 @@
-"""The `opdiff` command: train, sample, export, CMMD scores, and a CPU demo that trains, samples and exports."""
+"""The `opdiff` command: train, sample, export, CMMD scores, and a CPU demo that trains, samples and exports.
+
+Every subcommand's flags come from its config dataclass (`TrainConfig`, `SampleConfig`, `ExportConfig`, ...), whose
+settings are described once (`opdiff.settings`). The web GUI is `opdiff-app` (app.py), which builds on these
+packages; they never import it.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from metrics import ClipWeightsMissing
-from pipelines.config import BUNDLED_DATA, BUNDLED_MODEL, REPO_ROOT, add_arguments, config_from_args
+from opdiff.settings import Settings
+from pipelines.config import BUNDLED_DATA, BUNDLED_MODEL, add_arguments, add_settings, config_from_args, given
+from pipelines.rundir import RunDir
 
-EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-                 "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # `opdiff demo`: the bundled model and images, sized to finish in well under two minutes on two CPU cores. The
 # bundled model is pretrained on flat shapes; lr 1e-2 for 2 epochs (48 steps) gives the visible style shift
-# (bench/RESULTS.md: the best demo CMMD of the lr sweep).
-DEMO_SETTINGS = {"method": "lora", "epochs": 2, "lr": 1e-2, "sample_steps": 12, "sample_seeds": (0,)}
+# (bench/RESULTS.md: the best demo CMMD of the lr sweep). The method is the default one.
+DEMO_SETTINGS = {"epochs": 2, "lr": 1e-2, "sample_steps": 12, "sample_seeds": (0,)}
+
+
+def _from_args(cls: type[Settings], args: argparse.Namespace) -> Settings:
+    """The subcommand's config dataclass from its flags (defaults for what was not given)."""
+    return cls.from_dict(given(args, cls.settings()))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -28,81 +36,61 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     run_dir = train(config_from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:  # several processes (torchrun/accelerate): one report
-        print(f"run folder: {run_dir}\n  LoRA for load_lora_weights: {run_dir / 'lora.safetensors'}")
+        print(f"run folder: {run_dir}\n  LoRA for load_lora_weights: {RunDir(run_dir).lora}")
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
-    from pipelines.sample import sample
+    from pipelines.sample import SampleConfig, default_grid_path, sample, save_grid
 
-    grid = sample(args.source, args.prompt, args.seed, args.out, args.lora, args.steps, args.guidance_scale)
-    print(f"grid: {grid}")
+    cfg = _from_args(SampleConfig, args)
+    print(f"grid: {save_grid(sample(cfg), default_grid_path(cfg))}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from pipelines.export import export
+    from pipelines.export import ExportConfig, export_run
 
-    files = export(args.run_dir, args.out, EXPORT_DTYPES[args.dtype], format=args.format)
+    files = export_run(_from_args(ExportConfig, args))
     print("\n".join(f"LoRA ({fmt}): {path}" for fmt, path in files.items()))
 
 
-def _add_clip_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the flags that choose the CLIP model CMMD is computed with."""
-    parser.add_argument("--clip-checkpoint", type=Path, default=None, metavar="PATH",
-                        help="CLIP weights file (open_clip_model.safetensors of ViT-L-14-336-quickgelu, or OpenAI's "
-                        "ViT-L-14-336px.pt) (default: the open_clip / Hugging Face cache)")
-    parser.add_argument("--clip-model", default=None, metavar="NAME",
-                        help="open_clip model name (default: ViT-L-14-336-quickgelu, the CMMD reference); "
-                        "'tiny-random' is a tiny CLIP with random weights for tests, its scores mean nothing")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per CLIP forward pass (default: 16)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-
-
 def _cmd_cmmd(args: argparse.Namespace) -> None:
-    from pipelines.evaluate import cmmd_dirs, count_images, load_embedder, trust_label
+    from pipelines.evaluate import CmmdConfig, cmmd_dirs, count_images, load_embedder, trust_label
 
-    n_ref, n_gen = count_images(args.ref_dir), count_images(args.gen_dir)  # a wrong folder fails before CLIP loads
-    embedder = load_embedder(args.clip_model, args.clip_checkpoint, args.device)
-    score = cmmd_dirs(args.ref_dir, args.gen_dir, embedder, args.cache_dir, args.batch_size)
-    print(f"CMMD: {score:.4f}\n  reference: {n_ref} images in {args.ref_dir}\n"
-          f"  compared:  {n_gen} images in {args.gen_dir}\n  CLIP:      {embedder.model_name}")
+    cfg = _from_args(CmmdConfig, args)
+    n_ref, n_gen = count_images(cfg.ref_dir), count_images(cfg.gen_dir)  # a wrong folder fails before CLIP loads
+    embedder = load_embedder(cfg.clip)
+    score = cmmd_dirs(cfg.ref_dir, cfg.gen_dir, embedder, cfg.cache_dir, cfg.clip.batch_size)
+    print(f"CMMD: {score:.4f}\n  reference: {n_ref} images in {cfg.ref_dir}\n"
+          f"  compared:  {n_gen} images in {cfg.gen_dir}\n  CLIP:      {embedder.model_name}")
     if label := trust_label(embedder):
         print(label)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from pipelines.evaluate import CMMD_FILE, evaluate_run, load_embedder, trust_label
+    from pipelines.evaluate import IMAGES_DIR, EvalConfig, evaluate_run, load_embedder, trust_label
 
-    embedder = load_embedder(args.clip_model, args.clip_checkpoint, args.device)  # no weights: stop before generating
-    result = evaluate_run(args.run_dir, embedder, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                          limit=args.limit, base_too=args.base_too, batch_size=args.batch_size, device=args.device)
+    cfg = _from_args(EvalConfig, args)
+    embedder = load_embedder(cfg.clip)  # no weights: stop before generating
+    result = evaluate_run(cfg, embedder)
     print(f"CMMD: {result['cmmd']:.4f}  ({result['n_images']} generated vs {result['n_reference']} training images, "
           f"{result['steps']} steps, CLIP {result['clip_model']})")
     if "base_cmmd" in result:
         print(f"base model CMMD: {result['base_cmmd']:.4f}")
     if label := trust_label(embedder):
         print(label)
-    print(f"  scores: {args.run_dir / CMMD_FILE}\n  images: {args.run_dir / 'eval'}")
+    run = RunDir(cfg.run_dir)
+    print(f"  scores: {run.cmmd}\n  images: {run.eval_dir / IMAGES_DIR}")
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
-    from pipelines.reproduce import reproduce
+    from pipelines.reproduce import ReproduceConfig, reproduce
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)  # numbers, true/false/null, lists
-        except json.JSONDecodeError:
-            overrides[key] = value  # a plain string, e.g. a path
-    table = reproduce(args.recipe, args.methods.split(","), args.output_dir, overrides, args.data,
-                      args.clip_model, args.clip_checkpoint, args.eval_steps, args.eval_limit)
+    table = reproduce(_from_args(ReproduceConfig, args))
     print(table.read_text(encoding="utf-8"))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from pipelines.sample import sample
+    from pipelines.sample import SampleConfig, sample, save_grid
     from pipelines.train import train
 
     cfg = config_from_args(args, **DEMO_SETTINGS)
@@ -113,28 +101,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     run_dir = train(cfg)
     trained = time.perf_counter()
-    grid = sample(run_dir)
+    grid = save_grid(sample(SampleConfig(str(run_dir))), RunDir(run_dir).grid)
     print(
         f"demo finished in {time.perf_counter() - start:.0f} s (training {trained - start:.0f} s)\n"
         f"  run folder:       {run_dir}\n"
-        f"  settings:         {run_dir / 'config.json'}\n"
-        f"  loss curve:       {run_dir / 'losses.csv'}\n"
+        f"  settings:         {RunDir(run_dir).config}\n"
+        f"  loss curve:       {RunDir(run_dir).losses}\n"
         f"  base vs adapted:  {grid}\n"
-        f"  LoRA (diffusers): {run_dir / 'lora.safetensors'}  -> pipe.load_lora_weights(<this file>)"
+        f"  LoRA (diffusers): {RunDir(run_dir).lora}  -> pipe.load_lora_weights(<this file>)"
     )
-
-
-def _cmd_app(args: argparse.Namespace) -> None:
-    import importlib.util
-
-    # app.py sits beside the packages in a source checkout and imports them; they never import it.
-    app_file = REPO_ROOT / "app.py"
-    if not app_file.is_file():
-        raise FileNotFoundError(f"opdiff app runs {app_file}, which comes with a source checkout of opdiff")
-    spec = importlib.util.spec_from_file_location("opdiff_app", app_file)
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
-    app.main(args.app_args, prog="opdiff app")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Personalize Stable Diffusion XL with over-parameterized low-rank adapters; ship a plain LoRA.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
 
     train = sub.add_parser("train", help="train an adapter and export it as a LoRA",
                            description="Train an adapter on an image set; every setting is a flag or a --config key.")
@@ -161,84 +135,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(demo)
     demo.set_defaults(run=_cmd_demo)
 
-    sample = sub.add_parser("sample", help="render base vs adapted images on the same noise", formatter_class=fmt,
-                            description="Render a grid: rows = prompt x seed, columns = base | each LoRA.")
-    sample.add_argument("source", help="a run folder (uses its base, LoRA and sample settings) or a base model")
-    sample.add_argument("--lora", nargs="*", default=[], metavar="FILE",
-                        help="LoRA files to compare against the base (default: the run folder's lora.safetensors)")
-    sample.add_argument("--prompt", nargs="*", default=None, help="prompts (default: the run's sample prompts)")
-    sample.add_argument("--seed", nargs="*", type=int, default=None, help="seeds (default: the run's sample seeds)")
-    sample.add_argument("--steps", type=int, default=None, help="denoising steps (default: the run's sample_steps)")
-    sample.add_argument("--guidance-scale", type=float, default=None,
-                        help="classifier-free guidance (default: the run's guidance_scale)")
-    sample.add_argument("--out", type=Path, default=None,
-                        help="grid PNG path (default: <run folder>/samples.png, or ./samples.png for a base model)")
-    sample.set_defaults(run=_cmd_sample)
+    from pipelines.evaluate import CmmdConfig, EvalConfig
+    from pipelines.export import ExportConfig
+    from pipelines.reproduce import ReproduceConfig
+    from pipelines.sample import SampleConfig
 
-    export = sub.add_parser("export", help="collapse a run's adapter and write LoRA files (diffusers, kohya)",
-                            formatter_class=fmt,
-                            description="Rebuild a run's adapter from adapter_training.safetensors, collapse it, "
-                            "and write it as a plain LoRA: diffusers/PEFT keys (what "
-                            "StableDiffusionXLPipeline.load_lora_weights reads) and/or kohya keys (what ComfyUI, "
-                            "AUTOMATIC1111/Forge and kohya read; diffusers reads them too). The run's settings, "
-                            "steps and CMMD (if `opdiff eval` measured it) go into the file header.")
-    export.add_argument("run_dir", type=Path, help="a run folder written by `opdiff train`")
-    export.add_argument("--format", choices=["diffusers", "kohya", "both"], default="both",
-                        help="key layout; `both` writes the kohya file beside the diffusers one, named "
-                        "<name>_kohya.safetensors")
-    export.add_argument("--out", type=Path, default=None,
-                        help="output file (default: <run folder>/lora.safetensors, lora-fp16/-bf16.safetensors in "
-                        "half precision)")
-    export.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="fp32", help="tensor dtype in the file")
-    export.set_defaults(run=_cmd_export)
-
-    cmmd = sub.add_parser("cmmd", help="CMMD between two image folders",
-                          description="CMMD (CLIP maximum mean discrepancy, x1000; lower is closer) between the "
-                          "images directly in two folders, with CLIP ViT-L/14 at 336 px.")
-    cmmd.add_argument("ref_dir", type=Path, help="folder of reference images (e.g. the training images)")
-    cmmd.add_argument("gen_dir", type=Path, help="folder of images to compare (e.g. generated ones)")
-    _add_clip_arguments(cmmd)
-    cmmd.add_argument("--cache-dir", type=Path, default=None,
-                      help="store each folder's CLIP embeddings here and reuse them while its files are unchanged")
-    cmmd.set_defaults(run=_cmd_cmmd)
-
-    evaluate = sub.add_parser("eval", help="score a run: one image per training caption, CMMD vs the training images",
-                              description="Generate one image per training caption with the run's LoRA loaded into "
-                              "its base model (caption i from seed SEED + i), then compute CMMD against the training "
-                              "images; writes <run folder>/cmmd.json and the images under <run folder>/eval/.")
-    evaluate.add_argument("run_dir", type=Path, help="a run folder written by `opdiff train`")
-    _add_clip_arguments(evaluate)
-    evaluate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the run's sample_steps)")
-    evaluate.add_argument("--guidance-scale", type=float, default=None,
-                          help="classifier-free guidance (default: the run's guidance_scale)")
-    evaluate.add_argument("--seed", type=int, default=0, help="caption i is generated from seed SEED + i (default: 0)")
-    evaluate.add_argument("--limit", type=int, default=None,
-                          help="generate for the first N captions only (default: all)")
-    evaluate.add_argument("--base-too", action="store_true",
-                          help="also score the base model without the LoRA, on the same captions and seeds")
-    evaluate.set_defaults(run=_cmd_eval)
-
-    repro = sub.add_parser("reproduce", help="the papers' protocol: train each method, CMMD table, grid",
-                           description="For each method: train with the recipe's settings, generate one image per "
-                           "training caption, score CMMD against the training images; write table.md, table.csv "
-                           "and samples.png. Finished runs and scores are reused (resumable per method).")
-    repro.add_argument("--recipe", required=True, help="recipes/<name>.toml (naruto, monet) or a .toml file")
-    repro.add_argument("--methods", default="lora,op-lora,dora,op-dora", help="comma-separated methods")
-    repro.add_argument("--output-dir", type=Path, required=True, help="one sub-folder per method, tables beside them")
-    repro.add_argument("--data", default=None,
-                       help="replace the recipe's source: a local parquet/arrow copy, hf:<id>, or an image folder")
-    repro.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="override recipe training settings, e.g. --set base=path/to/sdxl max_steps=100")
-    repro.add_argument("--eval-steps", type=int, default=None, help="denoising steps per evaluation image")
-    repro.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N captions")
-    _add_clip_arguments(repro)
-    repro.set_defaults(run=_cmd_reproduce)
-
-    # The flags belong to app.py (`opdiff app --help` lists them); "+" as the prefix passes "--flag"s through.
-    app = sub.add_parser("app", help="start the web GUI: upload, train, compare, evaluate, export (app.py)",
-                         add_help=False, prefix_chars="+")
-    app.add_argument("app_args", nargs="*", help="app.py's flags: --host, --port, --output-dir, --max-upload-mb")
-    app.set_defaults(run=_cmd_app)
+    commands: list[tuple[str, type[Settings], object, str, str]] = [
+        ("sample", SampleConfig, _cmd_sample, "render base vs adapted images on the same noise",
+         "Render a grid: rows = prompt x seed, columns = base | each LoRA."),
+        ("export", ExportConfig, _cmd_export, "collapse a run's adapter and write LoRA files (diffusers, kohya)",
+         "Rebuild a run's adapter from adapter_training.safetensors, collapse it, and write it as a plain LoRA: "
+         "diffusers/PEFT keys (what StableDiffusionXLPipeline.load_lora_weights reads) and/or kohya keys (what "
+         "ComfyUI, AUTOMATIC1111/Forge and kohya read; diffusers reads them too). The run's settings, steps and "
+         "CMMD (if `opdiff eval` measured it) go into the file header."),
+        ("cmmd", CmmdConfig, _cmd_cmmd, "CMMD between two image folders",
+         "CMMD (CLIP maximum mean discrepancy, x1000; lower is closer) between the images directly in two "
+         "folders, with CLIP ViT-L/14 at 336 px."),
+        ("eval", EvalConfig, _cmd_eval, "score a run: one image per training caption, CMMD vs the training images",
+         "Generate one image per training caption with the run's LoRA loaded into its base model (caption i from "
+         "seed SEED + i), then compute CMMD against the training images; writes <run folder>/cmmd.json and the "
+         "images under <run folder>/eval/."),
+        ("reproduce", ReproduceConfig, _cmd_reproduce, "the papers' protocol: train each method, CMMD table, grid",
+         "For each method: train with the recipe's settings, generate one image per training caption, score CMMD "
+         "against the training images; write table.md, table.csv and samples.png. Finished runs and scores are "
+         "reused (resumable per method)."),
+    ]
+    for name, cls, run, short, description in commands:
+        command = sub.add_parser(name, help=short, description=description)
+        add_settings(command, cls.settings())
+        command.set_defaults(run=run)
     return parser
 
 

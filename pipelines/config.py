@@ -1,271 +1,234 @@
-"""The one training configuration: a typed dataclass that is also the CLI, the GUI's form and the config file.
+"""The training configuration, and the command line and config files built from the settings' one description.
 
-Every field documents itself with the string under it; `add_arguments` turns those strings into `--help` text.
-Adapter fields carry the names and defaults of `opdiff.AdapterConfig` and take their help from that class.
+`TrainConfig` nests `opdiff.AdapterConfig`; users see both flat (`--op-width 32`, `op_width = 32` in a file),
+and `add_settings` / `settings_from_args` turn any `opdiff.settings.Settings` dataclass into argparse flags, so
+`train`, `sample`, `export`, `eval`, `cmmd` and `reproduce` are all built the same way.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
 import json
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from opdiff import DEFAULT_TARGETS, METHODS, AdapterConfig
+from opdiff import AdapterConfig
+from opdiff.settings import Setting, Settings, option
+from pipelines.rundir import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = REPO_ROOT / "assets" / "tiny-sdxl"
 BUNDLED_DATA = REPO_ROOT / "assets" / "demo-data"
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
-RUN_CONFIG_FILE = "config.json"  # what `train` writes into every run folder (pipelines.export.CONFIG_FILE)
 # Settings a resumed run may change: they do not alter the trajectory of the steps already taken or to come
 # (length, bookkeeping, where data and caches live, how memory is spent). The dataset's content is checked by
 # its hash instead of its path.
 RESUME_MAY_CHANGE = frozenset({
     "data", "output_dir", "resume", "max_steps", "epochs", "checkpoint_every", "device", "cache_dir",
-    "cache_latents", "gradient_checkpointing", "compile", "sample_prompts", "sample_seeds", "sample_steps", "guidance_scale",
+    "cache_latents", "gradient_checkpointing", "compile", "sample_prompts", "sample_seeds", "sample_steps",
+    "guidance_scale",
 })
-# A flag that turns a boolean setting off, where `--no-<name>` would read badly.
-OFF_FLAGS = {"random_crop": "center_crop"}
+
+
+def _check_compile(value: str | None) -> None:
+    if value is not None and value not in torch.compiler.list_backends(exclude_tags=()):
+        raise ValueError(f"compile must be a torch.compile backend {torch.compiler.list_backends()}, got {value!r}")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Everything a training run needs. Defaults train a LoRA on the bundled tiny model and demo images."""
 
-    base: str = str(BUNDLED_MODEL)
-    """Base model: a diffusers folder, a single-file `.safetensors` checkpoint, or a hub id."""
-    vae: str | None = None
-    """VAE to use instead of the base's (a diffusers folder, a single file, or a hub id); it runs in float32."""
-    data: Path = BUNDLED_DATA
-    """Dataset: a folder of images with same-name `.txt` captions or a `metadata.jsonl`, or a `.zip` of either."""
-    caption: str | None = None
-    """Caption for images that have none (no `.txt` file, no text in metadata.jsonl); None skips such images."""
-    output_dir: Path | None = None
-    """Run folder for config, losses, checkpoints and the exported LoRA; None means `runs/<method>-<time>`."""
-    resume: Path | None = None
-    """Continue the run in this folder from its last checkpoint, with its settings (flags may extend max_steps)."""
+    base: str = option(str(BUNDLED_MODEL), "Base model: a diffusers folder, a single-file .safetensors SDXL "
+                       "checkpoint, or a Hugging Face hub id.", group="run", label="base model")
+    data: Path = option(BUNDLED_DATA, "Dataset: a folder of images with same-name .txt captions or a "
+                        "metadata.jsonl, or a .zip of either.", group="run", label="dataset")
+    output_dir: Path | None = option(None, "Run folder for settings, losses, checkpoints and the exported LoRA.",
+                                     group="run", none_means="runs/<method>-<date-time>", label="run folder")
+    resume: Path | None = option(None, "Continue the run in this folder from its last checkpoint, with its "
+                                 "settings (flags may extend max_steps).", group="run", cli=True,
+                                 none_means="start a new run", label="resume run")
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The adapter: method, rank, alpha, targets and the method's own settings (flat for users)."""
 
-    # Adapter settings, passed to opdiff.AdapterConfig; their help text is that class's field documentation.
-    method: str = AdapterConfig.method
-    rank: int = AdapterConfig.rank
-    alpha: float = AdapterConfig.alpha
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    op_width: int = AdapterConfig.op_width
-    op_embed_dim: int = AdapterConfig.op_embed_dim
-    mpo_cores: int = AdapterConfig.mpo_cores
-    mpo_lr: float | None = AdapterConfig.mpo_lr
-    select_top_n: int = AdapterConfig.select_top_n
-    select_split: int = AdapterConfig.select_split
-    select_every: int = AdapterConfig.select_every
-    select_warmup_steps: int = AdapterConfig.select_warmup_steps
-    select_batches: int = AdapterConfig.select_batches
+    lr: float = option(1e-4, "Learning rate. Lower it if the loss jumps or turns NaN; raise it if nothing changes.",
+                       group="basic", ref="AdamW, constant; op-lora.txt Sec. 4.1", label="learning rate", above=0)
+    epochs: int = option(2, "Passes over the dataset.", group="basic", ref="op-lora.txt Sec. 4.1: two epochs",
+                         minimum=1)
+    max_steps: int | None = option(None, "Stop after this many training steps.", group="basic", minimum=1,
+                                   none_means="epochs full passes over the dataset", label="max steps")
+    batch_size: int = option(1, "Images per training step (per GPU).", group="basic", minimum=1,
+                             label="batch size")
+    resolution: int | None = option(None, "Training image size in pixels (a multiple of 8).", group="basic",
+                                    minimum=8, none_means="the base model's native size (1024 for SDXL)")
+    seed: int = option(0, "Random seed: the same seed gives the same run.", group="basic")
+    weight_decay: float = option(1e-2, "AdamW's weight decay.", label="weight decay", minimum=0)
 
-    lr: float = 1e-4
-    """AdamW learning rate, constant (op-lora.txt Sec. 5.1)."""
-    weight_decay: float = 1e-2
-    """AdamW decoupled weight decay."""
-    epochs: int = 2
-    """Passes over the dataset (op-lora.txt Sec. 5.1: two epochs)."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps; None means `epochs` full passes."""
-    batch_size: int = 1
-    """Images per optimizer step."""
-    resolution: int | None = None
-    """Training image size in pixels; None means the base model's native size (1024 for SDXL, 64 for the bundled model)."""
-    seed: int = 0
-    """Seed for adapter init, data order, noise and timesteps: equal seeds give equal loss curves."""
-    buckets: bool = True
-    """Train each image at the SDXL aspect-ratio bucket (scaled to the resolution) closest to its own shape;
-    off: square crops."""
-    random_crop: bool = False
-    """Crop a random part of the resized image (at multiples of 8 px) instead of its center."""
-    flip: bool = False
-    """Flip each image horizontally with probability 1/2 at every step."""
-    cache_latents: bool = True
-    """Encode every image and caption once before training (the VAE and text encoders then leave the device);
-    off: encode each batch as it is drawn."""
-    cache_dir: Path | None = None
-    """Folder that keeps latents and prompt embeddings across runs, keyed by image content, caption, model
-    weights and crop; None keeps them in memory only."""
-    mixed_precision: MixedPrecision = "no"
-    """Autocast dtype for the U-Net forward pass; the frozen U-Net and text encoders are stored in it too.
-    Adapter weights, optimizer and VAE stay float32."""
-    gradient_checkpointing: bool = False
-    """Recompute U-Net activations in the backward pass: less memory, about a third more time per step."""
-    compile: str | None = None
-    """Compile the U-Net's training forward with torch.compile and this backend (`inductor`: fastest steps, but the
-    first step waits for compilation, minutes on a CPU); None runs eagerly. Sampling and export stay eager."""
-    device: str | None = None
-    """Torch device; None means `cuda` when available, else `cpu`."""
-    checkpoint_every: int | None = None
-    """Save a resumable checkpoint every this many steps (always at the end); None means only at the end."""
-    sample_prompts: tuple[str, ...] = ()
-    """Prompts for the base-vs-adapted grid; empty means the first two training captions."""
-    sample_seeds: tuple[int, ...] = (0,)
-    """Seeds for the grid; each prompt is sampled once per seed, base and adapted from the same noise."""
-    sample_steps: int = 20
-    """Denoising steps per grid image."""
-    guidance_scale: float = 5.0
-    """Classifier-free guidance scale for the grid images."""
+    caption: str | None = option(None, "Caption for images that have none.", group="data",
+                                 none_means="images without a caption are skipped", label="default caption")
+    buckets: bool = option(True, "Train each image at the aspect ratio (scaled to the resolution) closest to "
+                           "its own; off: square crops.", group="data", label="aspect-ratio buckets")
+    random_crop: bool = option(False, "Crop a random part of each resized image instead of its center.",
+                               group="data", off_flag="--center-crop", label="random crop")
+    flip: bool = option(False, "Mirror each image left-right at random.", group="data", label="random flip")
+
+    sample_prompts: tuple[str, ...] = option((), "Prompts for the base-vs-adapted images; empty: the first two "
+                                             "training captions.", group="sampling", label="sample prompts")
+    sample_seeds: tuple[int, ...] = option((0,), "Seeds for the sample images; each prompt once per seed.",
+                                           group="sampling", label="sample seeds")
+    sample_steps: int = option(20, "Denoising steps per sample image.", group="sampling", minimum=1,
+                               label="sample steps")
+    guidance_scale: float = option(5.0, "Classifier-free guidance of the sample images.", group="sampling",
+                                   minimum=0, label="guidance scale")
+
+    vae: str | None = option(None, "A VAE to use instead of the base model's (folder, file or hub id); it runs in "
+                             "float32.", none_means="the base model's", label="VAE")
+    cache_latents: bool = option(True, "Encode every image and caption once before training (the encoders then "
+                                 "leave the GPU); off: encode each batch as it is drawn.", label="cache latents")
+    cache_dir: Path | None = option(None, "Folder that keeps image latents and caption embeddings for later runs.",
+                                    none_means="keep them in memory only", label="cache folder")
+    mixed_precision: MixedPrecision = option("no", "Run the U-Net in 16-bit (bf16 on recent GPUs, fp16 on older "
+                                             "ones) to save memory and time; the adapter stays float32.",
+                                             label="mixed precision")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: less memory, about a "
+                                          "third more time per step.", label="gradient checkpointing")
+    compile: str | None = option(None, "Compile the U-Net's training step with torch.compile and this backend "
+                                 "(inductor is fastest; the first step waits minutes for the compiler).",
+                                 none_means="no compilation", label="compile backend")
+    device: str | None = option(None, "Torch device, e.g. cuda:1.", none_means="cuda when available, else cpu")
+    checkpoint_every: int | None = option(None, "Save a resumable checkpoint every this many steps (always at the "
+                                          "end).", minimum=1, none_means="only at the end", label="checkpoint every")
 
     def __post_init__(self) -> None:
-        self.data = Path(self.data)
-        for name in ("output_dir", "resume", "cache_dir"):
-            if getattr(self, name) is not None:
-                setattr(self, name, Path(getattr(self, name)))
-        self.target_modules = tuple(self.target_modules)
-        self.sample_prompts = tuple(self.sample_prompts)
-        self.sample_seeds = tuple(int(s) for s in self.sample_seeds)
-        for name in ("epochs", "batch_size", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "resolution", "checkpoint_every"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        for s in self.settings():
+            if s.name in self.__dict__ and s.name != "adapter":
+                value = getattr(self, s.name)
+                setattr(self, s.name, s.convert(value) if value is not None or not s.optional else None)
         if self.resolution is not None and self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
-        if self.mixed_precision not in typing.get_args(MixedPrecision):
-            raise ValueError(f"mixed_precision must be one of {typing.get_args(MixedPrecision)}, got {self.mixed_precision!r}")
-        if self.compile is not None and self.compile not in torch.compiler.list_backends(exclude_tags=()):
-            raise ValueError(f"compile must be a torch.compile backend {torch.compiler.list_backends()}, "
-                             f"got {self.compile!r}")
-        self.adapter_config()  # validates the adapter fields (method name, rank, ...) now, not mid-run
+        _check_compile(self.compile)
 
-    def adapter_config(self) -> AdapterConfig:
-        """Return the `opdiff.AdapterConfig` these settings describe."""
-        return AdapterConfig(**{f.name: getattr(self, f.name) for f in fields(AdapterConfig)})
-
-    def to_dict(self) -> dict:
-        """Return the config as a JSON-serialisable dict (paths as strings, tuples as lists)."""
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, Path):
-                d[k] = str(v)
-            elif isinstance(v, tuple):
-                d[k] = list(v)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Build a config from a dict (e.g. a parsed TOML/JSON file), rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+    @property
+    def method(self) -> str:
+        """The adapter method's name (`adapter.method`)."""
+        return self.adapter.method
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Return the settings in a TOML or JSON file as a dict.
+    """Return the flat settings in a TOML or JSON file.
 
-    A run's own `config.json` (written by `train`) works too: its `train` table is the TrainConfig.
+    A run's own `config.json` (written by `train`) works too: its `train` table holds the settings.
     """
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
     text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".toml":
-        try:
+    try:
+        if path.suffix.lower() == ".toml":
             import tomllib
-        except ModuleNotFoundError as e:  # tomllib arrived in Python 3.11
-            raise ValueError(f"reading {path} needs Python >= 3.11 (tomllib); write the settings as JSON") from e
-        d = tomllib.loads(text)
-    elif path.suffix.lower() == ".json":
-        d = json.loads(text)
-    else:
-        raise ValueError(f"config file {path} must end in .toml or .json")
+
+            d = tomllib.loads(text)
+        elif path.suffix.lower() == ".json":
+            d = json.loads(text)
+        else:
+            raise ValueError(f"config file {path} must end in .toml or .json")
+    except (json.JSONDecodeError, ValueError) as e:
+        if "must end in" in str(e):
+            raise
+        raise ValueError(f"config file {path} is not valid {path.suffix[1:].upper()}: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"config file {path} must hold a table/object of settings")
     return d["train"] if isinstance(d.get("train"), dict) and "opdiff_version" in d else d
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Return {field name: the docstring written under it} for a dataclass (litgpt style)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
-    return docs
+# ----------------------------------------------------------------------------------------------------------
+# Settings -> argparse
 
 
-def _help_texts() -> dict[str, str]:
-    return {**field_docs(AdapterConfig), **field_docs(TrainConfig)}
+def add_settings(parser: argparse.ArgumentParser, settings: list[Setting]) -> None:
+    """Add one argument per setting: `--flag` (or positional), typed, with the setting's help.
+
+    Flags default to "not given" (argparse.SUPPRESS) so that `given` can layer them over defaults and files; a
+    boolean gets `--name` and its opposite. `--help` lists them under their group's title.
+    """
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for s in settings:
+        if not s.cli:
+            continue
+        if s.positional:
+            section = parser
+        else:
+            if s.group not in sections:
+                sections[s.group] = parser.add_argument_group(GROUP_TITLES[s.group])
+            section = sections[s.group]
+        help_text = s.full_help().replace("%", "%%")
+        if s.allowed is not None and s.choice_help:
+            help_text += " " + " ".join(f"{c}: {h}" for c, h in zip(s.allowed, s.choice_help, strict=True))
+        if s.read_by is not None:
+            help_text += f" [read by {', '.join(s.read_by)}]"
+        if s.positional:
+            section.add_argument(s.name, type=_parser(s), help=help_text, metavar=s.name.upper())
+            continue
+        shown = " ".join(map(str, s.default)) if isinstance(s.default, tuple) else s.default
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": s.name,
+                                  "help": f"{help_text} [default: {shown if shown not in ('', None) else '(none)'}]"}
+        if s.required:
+            kwargs.update(required=True, help=help_text)
+        if s.base_type is bool:
+            section.add_argument(s.flag, action="store_true", **kwargs)
+            section.add_argument(s.off_flag or "--no-" + s.name.replace("_", "-"), dest=s.name, action="store_false",
+                                default=argparse.SUPPRESS, help=f"the opposite of {s.flag}")
+        elif s.is_list:
+            section.add_argument(s.flag, nargs="*", type=_parser(s), metavar=s.name.upper(), **kwargs)
+        elif s.allowed is not None:
+            many = len(s.allowed) > 4  # a long list goes into the help, not the usage line
+            section.add_argument(s.flag, choices=s.allowed, metavar=s.name.upper() if many else None, **kwargs)
+        else:
+            section.add_argument(s.flag, type=_parser(s), metavar=s.name.upper(), **kwargs)
 
 
-def _unwrap_optional(tp: object) -> object:
-    """`X | None` -> X; anything else unchanged."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
+GROUP_TITLES = {"run": "what to train on and where", "basic": "main settings",
+                "method": "settings of some methods (each says which)", "data": "captions and images",
+                "sampling": "sample images", "advanced": "memory, speed and devices"}
+
+
+def _parser(s: Setting):
+    """argparse `type=`: one value converted and range-checked by the setting (a message naming it otherwise)."""
+    def parse(text: str) -> Any:
+        try:
+            return Setting(s.name, s.item_type, None, "", minimum=s.minimum, above=s.above,
+                           maximum=s.maximum).convert(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = s.item_type.__name__ if isinstance(s.item_type, type) else "value"
+    return parse
+
+
+def given(args: argparse.Namespace, settings: list[Setting]) -> dict[str, Any]:
+    """The settings given on the command line, by name."""
+    return {s.name: getattr(args, s.name) for s in settings if hasattr(args, s.name)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one `--flag` per TrainConfig field to `parser`, typed from the annotation, help from the field docstring.
-
-    Flags default to "not given" (argparse.SUPPRESS) so that `config_from_args` can layer them over a config file.
-    """
-    hints = typing.get_type_hints(TrainConfig)
-    helps = _help_texts()
-    for f in fields(TrainConfig):
-        tp = _unwrap_optional(hints[f.name])
-        default = f.default if f.default is not MISSING else f.default_factory()
-        shown = default if not isinstance(default, tuple) else " ".join(map(str, default)) or "(none)"
-        kwargs: dict = {"default": argparse.SUPPRESS, "help": f"{helps[f.name]} [default: {shown}]"}
-        if tp is bool:
-            off = "--" + OFF_FLAGS.get(f.name, "no_" + f.name).replace("_", "-")
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true", **kwargs)
-            parser.add_argument(off, dest=f.name, action="store_false", default=argparse.SUPPRESS,
-                                help=f"the opposite of --{f.name.replace('_', '-')}")
-            continue
-        if typing.get_origin(tp) is tuple:
-            kwargs.update(nargs="*", type=typing.get_args(tp)[0], metavar=f.name.upper())
-        elif typing.get_origin(tp) is Literal:
-            kwargs.update(choices=typing.get_args(tp))
-        elif f.name == "method":
-            summaries = " ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
-            kwargs.update(choices=list(METHODS), metavar="METHOD", help=f"{kwargs['help']} {summaries}")
-        else:
-            kwargs.update(type=tp, metavar=f.name.upper())
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="TOML or JSON file of settings (field names as keys, or a run's config.json); flags given here override it.",
-    )
+    """Add every TrainConfig setting as a flag, and `--config FILE`."""
+    add_settings(parser, TrainConfig.settings())
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="TOML or JSON file of settings (the flag names with underscores as keys, or a run's "
+                        "config.json); flags given here override it.")
 
 
 def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConfig:
-    """Return the TrainConfig from defaults < resumed run's settings < `--config` file < `overrides` < flags.
-
-    The resumed run's settings apply when `--resume RUN_DIR` is given (in a flag, the file or `overrides`).
-    """
-    values: dict = dict(load_config_file(args.config)) if args.config is not None else {}
+    """Return the TrainConfig from defaults < resumed run's settings < `--config` file < `overrides` < flags."""
+    values: dict = dict(load_config_file(args.config)) if getattr(args, "config", None) is not None else {}
     values.update(overrides)
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values.update(given)
+    values.update(given(args, TrainConfig.settings()))
     if values.get("resume") is not None:
         return resume_config(values.pop("resume"), **values)
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(values, source=str(args.config) if getattr(args, "config", None) else "")
 
 
 def resume_config(run_dir: str | Path, **changes: object) -> TrainConfig:
@@ -274,9 +237,8 @@ def resume_config(run_dir: str | Path, **changes: object) -> TrainConfig:
     Pass e.g. `max_steps=` to train longer. `train` refuses changes outside RESUME_MAY_CHANGE by name, since
     they would make the loss curve differ from an uninterrupted run's.
     """
-    run_dir = Path(run_dir)
-    config_file = run_dir / RUN_CONFIG_FILE
-    if not config_file.is_file():
-        raise ValueError(f"cannot resume {run_dir}: it has no {RUN_CONFIG_FILE} (not a run folder)")
-    values = {**load_config_file(config_file), "output_dir": run_dir, **changes, "resume": run_dir}
-    return TrainConfig.from_dict(values)
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise ValueError(f"cannot resume {run.path}: it has no {RunDir.CONFIG} (not a run folder)")
+    values = {**load_config_file(run.config), "output_dir": run.path, **changes, "resume": run.path}
+    return TrainConfig.from_dict(values, source=str(run.config))

@@ -8,80 +8,80 @@ pipeline of the run's base model, so the score is the exported file's score.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from metrics import ClipEmbedder, cmmd
+from metrics import ClipEmbedder, ClipWeightsMissing, cmmd
 from metrics.clip import IMAGE_EXTENSIONS, REFERENCE_MODEL
+from opdiff.settings import Settings, option
+from pipelines.config import REPO_ROOT
 from pipelines.data import scan_dataset
-from pipelines.export import CONFIG_FILE, LORA_FILE
 from pipelines.model import default_device, load_pipeline
+from pipelines.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-CMMD_FILE = "cmmd.json"
-EVAL_DIR = "eval"
+__all__ = ["ClipOptions", "ClipWeightsMissing", "CmmdConfig", "EvalConfig", "cmmd_dirs", "evaluate_run", "load_embedder",
+           "trust_label"]  # ClipWeightsMissing: the GUI reaches metrics through pipelines
+
 IMAGES_DIR = "images"
 BASE_IMAGES_DIR = "base-images"
 
-TINY_RANDOM = "tiny-random"
-"""`--clip-model` value for a tiny CLIP with random weights: runs in milliseconds, for tests; its scores mean nothing."""
-_TINY_RANDOM_MODEL = "opdiff-tiny-random"  # the name it is registered under with open_clip
-_TINY_RANDOM_SEED = 0
-# A 1-layer ViT on 32 px images with 16-dim embeddings: the smallest open_clip config that embeds real images.
-_TINY_RANDOM_CONFIG = {
-    "embed_dim": 16,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 512, "width": 32, "heads": 2, "layers": 1},
-}
+DEMO_CLIP = "demo"
+"""`--clip-model` value for the bundled tiny CLIP (assets/tiny-clip), pretrained on the demo model's procedural
+world: it runs anywhere offline and ranks demo runs, but its scores are not comparable to published CMMD."""
+BUNDLED_CLIP = REPO_ROOT / "assets" / "tiny-clip"
 
 
-def load_embedder(
-    clip_model: str | None = None, clip_checkpoint: str | Path | None = None, device: str | None = None
-) -> ClipEmbedder:
+@dataclass
+class ClipOptions(Settings):
+    """Which CLIP model CMMD is computed with, and how it runs."""
+
+    clip_model: str | None = option(
+        None, f"CLIP model: an open_clip model name, or `{DEMO_CLIP}` for the small CLIP bundled with the demo model "
+        "(offline; ranks demo runs, not comparable to published CMMD).", group="basic",
+        none_means=f"{REFERENCE_MODEL}, the CMMD reference", label="CLIP model")
+    clip_checkpoint: Path | None = option(
+        None, "CLIP weights file (open_clip_model.safetensors of ViT-L-14-336-quickgelu, or OpenAI's "
+        "ViT-L-14-336px.pt).", group="basic", none_means="the open_clip / Hugging Face cache",
+        label="CLIP weights file")
+    batch_size: int = option(16, "Images per CLIP forward pass.", minimum=1, label="CLIP batch size")
+    device: str | None = option(None, "Torch device.", none_means="cuda when available, else cpu")
+
+
+def load_embedder(options: ClipOptions | None = None) -> ClipEmbedder:
     """Return the CLIP image embedder CMMD is computed with.
 
     By default the reference model (ViT-L/14 at 336 px, OpenAI weights) from `clip_checkpoint` or the
     open_clip/Hugging Face cache; raises `metrics.ClipWeightsMissing`, saying how to get the weights, when there
-    are none. `clip_model="tiny-random"` gives a tiny CLIP with fixed random weights, marked untrustworthy.
+    are none. `clip_model="demo"` is the bundled tiny CLIP.
     """
-    device = device or default_device()
-    if clip_model == TINY_RANDOM:
-        if clip_checkpoint is not None:
-            raise ValueError(f"--clip-model {TINY_RANDOM} has random weights; it takes no --clip-checkpoint")
-        _register_tiny_random()
-        return ClipEmbedder.load(_TINY_RANDOM_MODEL, device=device, random_init=True, seed=_TINY_RANDOM_SEED)
-    return ClipEmbedder.load(clip_model or REFERENCE_MODEL, checkpoint=clip_checkpoint, device=device)
-
-
-def _register_tiny_random() -> None:
-    """Make the tiny random CLIP config known to open_clip (once per process)."""
-    if open_clip.get_model_config(_TINY_RANDOM_MODEL) is not None:
-        return
-    # open_clip registers configs from JSON files only; its registry keeps the entry after the file is gone.
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"{_TINY_RANDOM_MODEL}.json"
-        path.write_text(json.dumps(_TINY_RANDOM_CONFIG), encoding="utf-8")
-        open_clip.add_model_config(path)
+    options = options or ClipOptions()
+    device = options.device or default_device()
+    if options.clip_model == DEMO_CLIP:
+        if options.clip_checkpoint is not None:
+            raise ValueError(f"--clip-model {DEMO_CLIP} is the bundled CLIP; it takes no --clip-checkpoint")
+        return ClipEmbedder.load(f"local-dir:{BUNDLED_CLIP}", checkpoint=BUNDLED_CLIP / "open_clip_model.safetensors",
+                                 device=device)
+    return ClipEmbedder.load(options.clip_model or REFERENCE_MODEL, checkpoint=options.clip_checkpoint, device=device)
 
 
 def trust_label(embedder: ClipEmbedder) -> str:
     """Return "" for an embedder with real reference weights, else a one-line warning on what the score is worth."""
     if not embedder.trustworthy:
         return f"UNTRUSTWORTHY: random CLIP weights ({embedder.model_name}); this score means nothing"
+    if embedder.model_name == f"local-dir:{BUNDLED_CLIP}":
+        return ("note: the bundled demo CLIP ranks runs on the demo model; its scores are not comparable to "
+                "published CMMD")
     if embedder.model_name != REFERENCE_MODEL:
         return f"note: CLIP {embedder.model_name} is not the reference {REFERENCE_MODEL}; not comparable to published CMMD"
     return ""
@@ -149,17 +149,24 @@ def generate_for_captions(
     return paths
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    embedder: ClipEmbedder,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    seed: int = 0,
-    limit: int | None = None,
-    base_too: bool = False,
-    batch_size: int = 16,
-    device: str | None = None,
-) -> dict:
+@dataclass
+class EvalConfig(Settings):
+    """`opdiff eval`: score a run by the papers' protocol."""
+
+    run_dir: Path = option(help="A run folder written by `opdiff train`.", group="run", positional=True)
+    clip: ClipOptions = field(default_factory=ClipOptions)
+    steps: int | None = option(None, "Denoising steps per image.", group="basic", minimum=1,
+                               none_means="the run's sample_steps")
+    guidance_scale: float | None = option(None, "Classifier-free guidance.", group="basic", minimum=0,
+                                          none_means="the run's guidance_scale", label="guidance scale")
+    seed: int = option(0, "Caption i is generated from seed SEED + i.", group="basic")
+    limit: int | None = option(None, "Generate for the first N captions only.", group="basic", minimum=1,
+                               none_means="all captions")
+    base_too: bool = option(False, "Also score the base model without the LoRA, on the same captions and seeds.",
+                            group="basic", label="score the base too")
+
+
+def evaluate_run(cfg: EvalConfig, embedder: ClipEmbedder) -> dict:
     """Score a training run by op-lora.txt Sec. 4.1; write and return `run_dir/cmmd.json`.
 
     One image per training caption (the first `limit` captions when given) from the run's base model with its
@@ -169,34 +176,30 @@ def evaluate_run(
     seeds (`base_cmmd`, images under `run_dir/eval/base-images/`). The result holds cmmd, n_images, clip_model,
     trustworthy, steps, seed, guidance_scale, n_reference (and base_cmmd).
     """
-    run_dir = Path(run_dir)
-    config_path, lora_path = run_dir / CONFIG_FILE, run_dir / LORA_FILE
-    for required in (config_path, lora_path):
+    run = RunDir(cfg.run_dir)
+    for required in (run.config, run.lora):
         if not required.is_file():
-            raise FileNotFoundError(f"{run_dir} is not a finished run folder: {required.name} is missing")
-    for name, value in (("steps", steps), ("limit", limit)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    run = json.loads(config_path.read_text(encoding="utf-8"))
-    settings = run["train"]
-    dataset = scan_dataset(run["dataset"]["path"])
-    if dataset.hash != run["dataset"]["hash"]:
+            raise FileNotFoundError(f"{run.path} is not a finished run folder: {required.name} is missing")
+    config = run.read_config()
+    settings = config["train"]
+    dataset = scan_dataset(config["dataset"]["path"])
+    if dataset.hash != config["dataset"]["hash"]:
         log.warning("dataset %s changed since the run trained on it; scoring against its current images",
-                    run["dataset"]["path"])
-    captions = [ex.caption for ex in dataset.examples][:limit]
-    steps = steps or settings["sample_steps"]
-    (run_dir / CMMD_FILE).unlink(missing_ok=True)  # the images it described are about to be replaced
-    guidance_scale = settings["guidance_scale"] if guidance_scale is None else guidance_scale
+                    config["dataset"]["path"])
+    captions = [ex.caption for ex in dataset.examples][: cfg.limit]
+    steps = cfg.steps or settings["sample_steps"]
+    run.cmmd.unlink(missing_ok=True)  # the images it described are about to be replaced
+    guidance_scale = settings["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
+    batch_size = cfg.clip.batch_size
 
-    pipe = load_pipeline(run["base"], device=device)
-    pipe.load_lora_weights(str(lora_path))
-    generate = {"size": settings["resolution"], "seed": seed, "steps": steps, "guidance_scale": guidance_scale}
-    adapted = generate_for_captions(pipe, captions, run_dir / EVAL_DIR / IMAGES_DIR, desc="eval: adapted", **generate)
+    pipe = load_pipeline(config["base"], device=cfg.clip.device, vae=settings.get("vae"))
+    pipe.load_lora_weights(str(run.lora))
+    generate = {"size": settings["resolution"], "seed": cfg.seed, "steps": steps, "guidance_scale": guidance_scale}
+    adapted = generate_for_captions(pipe, captions, run.eval_dir / IMAGES_DIR, desc="eval: adapted", **generate)
     base = None
-    if base_too:
+    if cfg.base_too:
         pipe.disable_lora()
-        base = generate_for_captions(pipe, captions, run_dir / EVAL_DIR / BASE_IMAGES_DIR, desc="eval: base",
-                                     **generate)
+        base = generate_for_captions(pipe, captions, run.eval_dir / BASE_IMAGES_DIR, desc="eval: base", **generate)
     del pipe  # frees the diffusion model's memory before CLIP runs
 
     reference = _embed_files(embedder, [ex.path for ex in dataset.examples], batch_size, "CLIP: training")  # (N, D)
@@ -208,14 +211,24 @@ def evaluate_run(
         clip_model=embedder.model_name,
         trustworthy=embedder.trustworthy,
         steps=steps,
-        seed=seed,
+        seed=cfg.seed,
         guidance_scale=guidance_scale,
         n_reference=len(dataset),
     )
-    tmp = run_dir / (CMMD_FILE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    os.replace(tmp, run_dir / CMMD_FILE)  # a reader never sees half a file
+    run.write_cmmd(result)  # a reader never sees half a file
     return result
+
+
+@dataclass
+class CmmdConfig(Settings):
+    """`opdiff cmmd`: CMMD between two image folders."""
+
+    ref_dir: Path = option(help="Folder of reference images (e.g. the training images).", group="run",
+                           positional=True)
+    gen_dir: Path = option(help="Folder of images to compare (e.g. generated ones).", group="run", positional=True)
+    clip: ClipOptions = field(default_factory=ClipOptions)
+    cache_dir: Path | None = option(None, "Store each folder's CLIP embeddings here and reuse them while its files "
+                                    "are unchanged.", none_means="no cache", label="embedding cache")
 
 
 def _embed_files(embedder: ClipEmbedder, paths: Sequence[Path], batch_size: int, desc: str) -> np.ndarray:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from peft.utils import get_peft_model_state_dict
@@ -29,15 +31,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import opdiff
+from opdiff.settings import Settings, option
 from pipelines import kohya
+from pipelines.rundir import RunDir
 
-CONFIG_FILE = "config.json"
-TRAINING_FILE = "adapter_training.safetensors"
-LOSSES_FILE = "losses.csv"
-LORA_FILE = "lora.safetensors"
-KOHYA_FILE = "lora_kohya.safetensors"
-CMMD_FILE = "cmmd.json"  # written by `opdiff eval` (pipelines.evaluate)
 FORMATS = ("diffusers", "kohya", "both")
+ExportFormat = Literal["diffusers", "kohya", "both"]
+ExportDtype = Literal["fp32", "fp16", "bf16"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""The export dtypes by their short names (kohya's `--save_precision` names; the CLI and the GUI offer these)."""
 # Short dtype names for default file names; float32 files get none (`lora.safetensors`).
 DTYPE_SUFFIXES = {torch.float32: "", torch.float16: "-fp16", torch.bfloat16: "-bf16"}
 # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY and the prefix `load_lora_weights` expects for the U-Net.
@@ -127,12 +129,12 @@ def export(
         if out_file is None:
             raise ValueError("out_file is required when exporting a model object")
         unet = source
-        run_dir = Path(run_config["train"]["output_dir"]) if run_config is not None else None
+        run = RunDir(run_config["train"]["output_dir"]) if run_config is not None else None
     else:
-        run_dir = Path(source)
-        unet, run_config = _unet_from_run(run_dir)
+        run = RunDir(source)
+        unet, run_config = _unet_from_run(run)
     if out_file is None:  # the run folder's own names, whichever formats are asked for
-        default = output_files(run_dir / f"lora{DTYPE_SUFFIXES[dtype]}.safetensors")
+        default = output_files(run / f"lora{DTYPE_SUFFIXES[dtype]}.safetensors")
         files = {fmt: path for fmt, path in default.items() if format in (fmt, "both")}
     else:
         files = output_files(out_file, format)
@@ -143,7 +145,7 @@ def export(
         # A run that adapted modules outside the attention blocks still gets its diffusers file.
         log.warning("writing the diffusers format only: %s", reason)
         del files["kohya"]
-    steps, cmmd = _progress(run_dir)
+    steps, cmmd = (run.steps_done(), run.read_cmmd()) if run is not None else (None, None)
     shared = _shared_metadata(config, run_config, steps, cmmd)
     contents = {}  # format -> (tensors, header); every file is checked before the first one is written
     if "diffusers" in files:
@@ -179,17 +181,6 @@ def _finite(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, t
     return tensors
 
 
-def _progress(run_dir: Path | None) -> tuple[int | None, dict | None]:
-    """Return (optimizer steps done, the `opdiff eval` result) of a run folder; None for what it does not hold."""
-    if run_dir is None:
-        return None, None
-    losses, scores = run_dir / LOSSES_FILE, run_dir / CMMD_FILE
-    # One row per optimizer step after the header; written together with the trained state it describes.
-    steps = len(losses.read_text(encoding="utf-8").splitlines()) - 1 if losses.is_file() else None
-    cmmd = json.loads(scores.read_text(encoding="utf-8")) if scores.is_file() else None
-    return steps, cmmd
-
-
 def _shared_metadata(config: opdiff.AdapterConfig, run_config: dict | None, steps: int | None,
                      cmmd: dict | None) -> dict[str, str]:
     """Return the `opdiff_*` header entries both formats carry (what was trained, on what, and how well)."""
@@ -215,16 +206,34 @@ def _shared_metadata(config: opdiff.AdapterConfig, run_config: dict | None, step
     return meta
 
 
-def _unet_from_run(run_dir: Path) -> tuple[nn.Module, dict]:
+def _unet_from_run(run: RunDir) -> tuple[nn.Module, dict]:
     """Load a run's base U-Net with its trained, uncollapsed adapter; return it and the run config."""
     from pipelines.model import load_pipeline
 
-    config_path, state_path = run_dir / CONFIG_FILE, run_dir / TRAINING_FILE
-    for p in (config_path, state_path):
+    for p in (run.config, run.training_state):
         if not p.is_file():
-            raise FileNotFoundError(f"{run_dir} is not a finished or checkpointed run: {p.name} is missing")
-    run_config = json.loads(config_path.read_text(encoding="utf-8"))
+            raise FileNotFoundError(f"{run.path} is not a finished or checkpointed run: {p.name} is missing")
+    run_config = run.read_config()
     unet = load_pipeline(run_config["base"], device="cpu").unet
     opdiff.inject(unet, opdiff.AdapterConfig.from_dict(run_config["adapter"]))
-    opdiff.load_training_state_dict(unet, load_file(state_path))
+    opdiff.load_training_state_dict(unet, load_file(run.training_state))
     return unet, run_config
+
+
+@dataclass
+class ExportConfig(Settings):
+    """`opdiff export`: which run, which key layout, which dtype, where."""
+
+    run_dir: Path = option(help="A run folder written by `opdiff train`.", group="run", positional=True)
+    format: ExportFormat = option("both", "Key layout: diffusers (pipe.load_lora_weights), kohya (ComfyUI, "
+                                  "AUTOMATIC1111/Forge, kohya; diffusers reads it too), or both; `both` writes the "
+                                  "kohya file beside the diffusers one as <name>_kohya.safetensors.", group="basic")
+    out: Path | None = option(None, "Output file.", group="basic", none_means="<run folder>/lora.safetensors "
+                              "(lora-fp16.safetensors, ... in half precision)")
+    dtype: ExportDtype = option("fp32", "Tensor precision in the file: fp32 is exact; fp16 and bf16 halve the size.",
+                                group="basic")
+
+
+def export_run(cfg: ExportConfig) -> dict[str, Path]:
+    """Export the run `cfg.run_dir` as `cfg` says; return {format: file written}."""
+    return export(cfg.run_dir, cfg.out, DTYPES[cfg.dtype], format=cfg.format)

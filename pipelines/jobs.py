@@ -8,7 +8,6 @@ the output folder.
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import logging
@@ -20,15 +19,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
-from PIL import Image
-
 from metrics import ClipEmbedder
 from pipelines.config import TrainConfig
 from pipelines.data import CAPTION_EXTENSION, IMAGE_EXTENSIONS, METADATA_FILE, scan_dataset
-from pipelines.evaluate import CMMD_FILE, load_embedder
-from pipelines.export import CONFIG_FILE, LORA_FILE
-from pipelines.sample import DEFAULT_PROMPTS, LABEL_HEIGHT, sample
-from pipelines.train import CHECKPOINT_FILE, LOSSES_FILE, SELECTION_FILE, train
+from pipelines.evaluate import ClipOptions, load_embedder
+from pipelines.rundir import RunDir
+from pipelines.sample import DEFAULT_PROMPTS, Comparison, SampleConfig, sample, save_grid
+from pipelines.train import train
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +71,8 @@ class JobStatus:
     eta_s: float | None = None
     losses: tuple[tuple[int, float], ...] = ()
     """(step, loss) for every step so far (of a resumed run: its earlier steps too)."""
-    selections: tuple[dict, ...] = ()
-    """LoRA-Over MPOP/MPOR: the matrices chosen so far (step, group, layer, matrix, score)."""
+    events: tuple[dict, ...] = ()
+    """What the method did so far (`Method.after_step`: e.g. LoRA-Over's matrices given MPO cores)."""
     error: str | None = None
 
     @property
@@ -95,7 +92,7 @@ class JobStatus:
             "loss": self.loss,
             "it_s": self.it_s,
             "eta_s": self.eta_s,
-            "selected": len(self.selections),
+            "events": len(self.events),
             "error": self.error,
         }
 
@@ -110,7 +107,7 @@ class TrainingJobs:
         self._stop = threading.Event()
         self._status = JobStatus()
         self._losses: list[tuple[int, float]] = []
-        self._selections: list[dict] = []
+        self._events: list[dict] = []
 
     def start(self, cfg: TrainConfig) -> JobStatus:
         """Start training `cfg` in the background and return the first status.
@@ -127,9 +124,10 @@ class TrainingJobs:
                 )
             cfg = replace(cfg, output_dir=cfg.output_dir or new_run_dir(self.runs_dir, cfg.method))
             self._stop.clear()
-            # A resumed run continues its loss curve and selection log from the files it wrote.
-            self._losses = read_losses(cfg.output_dir) if cfg.resume is not None else []
-            self._selections = read_selections(cfg.output_dir) if cfg.resume is not None else []
+            # A resumed run continues its loss curve and event log from the files it wrote.
+            run = RunDir(cfg.output_dir)
+            self._losses = run.read_losses() if cfg.resume is not None else []
+            self._events = run.read_events() if cfg.resume is not None else []
             self._status = JobStatus("starting", run_dir=cfg.output_dir, method=cfg.method, total=cfg.max_steps or 0,
                                      step=len(self._losses))
             threading.Thread(target=self._run, args=(cfg,), name="opdiff-train", daemon=True).start()
@@ -146,12 +144,12 @@ class TrainingJobs:
     def status(self) -> JobStatus:
         """Return the current snapshot (the last run's final state once it has ended)."""
         with self._lock:  # the per-step lists are copied here, once per poll, not once per step
-            return replace(self._status, losses=tuple(self._losses), selections=tuple(self._selections))
+            return replace(self._status, losses=tuple(self._losses), events=tuple(self._events))
 
     def _on_event(self, event: dict) -> None:
         with self._lock:
             self._losses.append((event["step"], event["loss"]))
-            self._selections += event.get("selected", [])
+            self._events += event.get("events", [])
             self._status = replace(
                 self._status,
                 state="stopping" if self._stop.is_set() else "training",
@@ -226,27 +224,26 @@ def list_runs(runs_dir: str | Path) -> list[RunInfo]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    configs = sorted(runs_dir.glob(f"*/{CONFIG_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    configs = sorted(runs_dir.glob(f"*/{RunDir.CONFIG}"), key=lambda p: p.stat().st_mtime, reverse=True)
     runs = []
     for config_path in configs:
-        run_dir = config_path.parent
+        run = RunDir(config_path.parent)
         try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            losses = read_losses(run_dir)
-            cmmd_path = run_dir / CMMD_FILE
+            config = run.read_config()
+            losses = run.read_losses()
             runs.append(RunInfo(
-                path=run_dir,
+                path=run.path,
                 method=config["method"],
                 base=config["base"],
                 images=config["dataset"]["images"],
                 steps=len(losses),
                 final_loss=losses[-1][1] if losses else None,
-                finished=(run_dir / LORA_FILE).is_file(),
-                resumable=(run_dir / CHECKPOINT_FILE).is_file(),
-                cmmd=json.loads(cmmd_path.read_text(encoding="utf-8")) if cmmd_path.is_file() else None,
+                finished=run.lora.is_file(),
+                resumable=run.checkpoint.is_file(),
+                cmmd=run.read_cmmd(),
             ))
         except (OSError, ValueError, KeyError) as e:  # a folder being written or from elsewhere: list the rest
-            log.warning("skipping %s: %s", run_dir, e)
+            log.warning("skipping %s: %s", run.path, e)
     return runs
 
 
@@ -256,26 +253,9 @@ def resolve_run(runs_dir: str | Path, name: str) -> Path:
     Names come from the page or the API, so a name that would leave `runs_dir` is refused.
     """
     path = Path(runs_dir) / name
-    if not name or PurePosixPath(name).name != name or name in (".", "..") or not (path / CONFIG_FILE).is_file():
+    if not name or PurePosixPath(name).name != name or name in (".", "..") or not RunDir(path).is_run():
         raise ValueError(f"no run named {name!r} in {runs_dir}")
     return path
-
-
-def read_losses(run_dir: str | Path) -> list[tuple[int, float]]:
-    """Return (step, loss) rows of a run's losses.csv; empty when there is none yet."""
-    path = Path(run_dir) / LOSSES_FILE
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(f)]
-
-
-def read_selections(run_dir: str | Path | None) -> list[dict]:
-    """Return a LoRA-Over MPOP/MPOR run's selection log (step, group, layer, matrix, score); empty for others."""
-    path = Path(run_dir) / SELECTION_FILE if run_dir is not None else None
-    if path is None or not path.is_file():
-        return []
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,18 +363,6 @@ def list_datasets(datasets_dir: str | Path) -> list[Path]:
 # Compare and evaluate
 
 
-@dataclass
-class Comparison:
-    """Base and adapted images on the same prompts and seeds."""
-
-    grid: Path
-    """The whole grid as one PNG (what `opdiff sample` writes)."""
-    titles: list[str]
-    """Column titles: "base", then one per run."""
-    rows: list[tuple[str, list[Image.Image]]]
-    """Per prompt x seed: its label and one image per column."""
-
-
 def compare_runs(
     run_dirs: Sequence[Path],
     out_dir: str | Path,
@@ -402,52 +370,39 @@ def compare_runs(
     seeds: Sequence[int] = (0,),
     steps: int | None = None,
     base: str | None = None,
-) -> Comparison:
-    """Render base and each run's LoRA on the same prompts, seeds and initial noise; return the images.
+) -> tuple[Comparison, Path]:
+    """Render base and each run's LoRA on the same prompts, seeds and initial noise; return them and the grid.
 
     All runs must share one base model; with no runs, `base` alone is rendered. Prompts and steps default to the
     first run's sample settings. The grid is written to `out_dir/compare-<time>.png`.
     """
-    configs = [json.loads((Path(r) / CONFIG_FILE).read_text(encoding="utf-8")) for r in run_dirs]
+    runs = [RunDir(r) for r in run_dirs]
+    configs = [run.read_config() for run in runs]
     bases = {c["base"] for c in configs} | ({base} if base else set())
     if len(bases) != 1:
         raise ValueError(f"runs to compare must share one base model; these use {', '.join(sorted(bases)) or 'none'}")
-    missing = [Path(r).name for r in run_dirs if not (Path(r) / LORA_FILE).is_file()]
+    missing = [run.name for run in runs if not run.lora.is_file()]
     if missing:
-        raise ValueError(f"run(s) {', '.join(missing)} have no {LORA_FILE} yet (still training or failed)")
+        raise ValueError(f"run(s) {', '.join(missing)} have no {RunDir.LORA} yet (still training or failed)")
     first = configs[0]["train"] if configs else {}
-    prompts, steps = list(prompts) or first.get("sample_prompts", []), steps or first.get("sample_steps")
-    grid_path = Path(out_dir) / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.png"
-    grid_path = sample(bases.pop(), prompts or None, list(seeds), grid_path,
-                       loras=[Path(r) / LORA_FILE for r in run_dirs], steps=steps)
-    titles = ["base"] + [Path(r).name for r in run_dirs]
-    labels = [f"seed {seed}: {prompt}" for prompt in (prompts or DEFAULT_PROMPTS) for seed in seeds]
-    return Comparison(grid_path, titles, _cut_grid(grid_path, len(titles), labels))
-
-
-def _cut_grid(grid_path: Path, columns: int, labels: list[str]) -> list[tuple[str, list[Image.Image]]]:
-    """Cut a `pipelines.sample` grid back into its cells: below a title strip, each row is a label strip over
-    one square cell per column."""
-    with Image.open(grid_path) as grid:
-        grid.load()
-    cell = grid.width // columns
-    rows = []
-    for r, label in enumerate(labels):
-        top = LABEL_HEIGHT + r * (LABEL_HEIGHT + cell) + LABEL_HEIGHT
-        rows.append((label, [grid.crop((c * cell, top, (c + 1) * cell, top + cell)) for c in range(columns)]))
-    return rows
+    comparison = sample(SampleConfig(
+        bases.pop(), lora=tuple(run.lora for run in runs), prompt=tuple(prompts or first.get("sample_prompts", ())),
+        seed=tuple(seeds), steps=steps or first.get("sample_steps")))
+    comparison.titles = ["base"] + [run.name for run in runs]
+    grid = save_grid(comparison, Path(out_dir) / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.png")
+    return comparison, grid
 
 
 @functools.lru_cache(maxsize=2)
 def cached_embedder(clip_model: str | None, clip_checkpoint: str | None) -> ClipEmbedder:
-    """Return `pipelines.evaluate.load_embedder(clip_model, clip_checkpoint)`, loaded once per process (the
-    reference CLIP takes seconds to build)."""
-    return load_embedder(clip_model, clip_checkpoint)
+    """Return `pipelines.evaluate.load_embedder` of these options, loaded once per process (the reference CLIP
+    takes seconds to build)."""
+    return load_embedder(ClipOptions.from_dict({"clip_model": clip_model, "clip_checkpoint": clip_checkpoint}))
 
 
 def load_snippet(run_dir: str | Path, lora_file: str | Path) -> str:
     """Return Python code that loads `lora_file` into the run's base model with diffusers and renders a sample."""
-    config = json.loads((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    config = RunDir(run_dir).read_config()
     base, prompts = config["base"], config["train"]["sample_prompts"]
     loader = "from_single_file" if Path(base).is_file() else "from_pretrained"
     prompt = prompts[0] if prompts else DEFAULT_PROMPTS[0]

@@ -11,12 +11,14 @@ import csv
 import json
 import logging
 import math
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from opdiff.settings import Settings, option
 from pipelines.config import TrainConfig
-from pipelines.export import LORA_FILE
+from pipelines.evaluate import ClipOptions, EvalConfig
 from pipelines.hf_data import HFSource, is_hf_source, materialize
+from pipelines.rundir import RunDir
 
 try:
     import tomllib
@@ -42,8 +44,8 @@ def recipe_path(recipe: str | Path) -> Path:
     raise ValueError(f"unknown recipe {str(recipe)!r}: give a .toml file or one of: {known}")
 
 
-def load_recipe(recipe: str | Path) -> tuple[HFSource, dict]:
-    """Return (where the data comes from, the training settings) of a recipe file."""
+def load_recipe(recipe: str | Path) -> tuple[HFSource, dict, list[str]]:
+    """Return (where the data comes from, the training settings, the methods it compares) of a recipe file."""
     spec = tomllib.loads(recipe_path(recipe).read_text(encoding="utf-8"))
     data = dict(spec.get("data", {}))
     if "caption_template" in data:
@@ -53,63 +55,85 @@ def load_recipe(recipe: str | Path) -> tuple[HFSource, dict]:
     if unknown:
         raise ValueError(f"recipe {recipe}: unknown [data] setting(s): {', '.join(sorted(unknown))}")
     train = dict(spec.get("train", {}))
-    TrainConfig.from_dict(train)  # fail now, naming bad keys, not after hours of training
-    return HFSource(**data), train
+    TrainConfig.from_dict(train, source=str(recipe))  # fail now, naming bad keys, not after hours of training
+    return HFSource(**data), train, list(spec.get("methods", []))
 
 
-def reproduce(
-    recipe: str | Path,
-    methods: list[str],
-    output_dir: str | Path,
-    overrides: dict | None = None,
-    data: str | Path | None = None,
-    clip_model: str | None = None,
-    clip_checkpoint: str | Path | None = None,
-    eval_steps: int | None = None,
-    eval_limit: int | None = None,
-) -> Path:
+def _parse_set(items: tuple[str, ...]) -> dict:
+    """`KEY=VALUE` overrides: VALUE read as JSON (numbers, true/false/null, lists), else as a plain string."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a plain string, e.g. a path
+    return overrides
+
+
+@dataclass
+class ReproduceConfig(Settings):
+    """`opdiff reproduce`: train every method of a recipe, score CMMD, write the table and a grid."""
+
+    recipe: str = option(help="recipes/<name>.toml (naruto, monet) or a .toml file.", group="run")
+    output_dir: Path = option(help="One sub-folder per method, the tables beside them.", group="run",
+                              label="output folder")
+    methods: tuple[str, ...] = option((), "Methods to train and score.", group="basic",
+                                      none_means="the recipe's methods")
+    data: str | None = option(None, "Replace the recipe's source: a local parquet/arrow copy, hf:<id>, or an image "
+                              "folder.", group="basic", none_means="the recipe's source")
+    set: tuple[str, ...] = option((), "Override recipe training settings, e.g. --set base=path/to/sdxl "
+                                  "max_steps=100.", group="basic", label="KEY=VALUE")
+    eval_steps: int | None = option(None, "Denoising steps per evaluation image.", minimum=1,
+                                    none_means="the run's sample_steps")
+    eval_limit: int | None = option(None, "Evaluate only the first N captions.", minimum=1, none_means="all")
+    clip: ClipOptions = field(default_factory=ClipOptions)
+
+
+def reproduce(cfg: ReproduceConfig) -> Path:
     """Train, generate and score every method; return the Markdown table's path (a CSV and a grid lie beside it).
 
-    `overrides` replace recipe settings (e.g. a local `base`, fewer `max_steps`); `data` replaces the recipe's source
-    with a local image folder, zip, parquet file or hub id.
+    `cfg.set` replaces recipe settings (e.g. a local `base`, fewer `max_steps`); `cfg.data` replaces the recipe's
+    source with a local image folder, zip, parquet file or hub id.
     """
     from pipelines.evaluate import evaluate_run, load_embedder, trust_label
-    from pipelines.sample import sample
+    from pipelines.sample import SampleConfig, sample, save_grid
     from pipelines.train import train
 
-    source, settings = load_recipe(recipe)
-    out = Path(output_dir)
+    source, settings, recipe_methods = load_recipe(cfg.recipe)
+    methods = list(cfg.methods) or recipe_methods
+    if not methods:
+        raise ValueError(f"recipe {cfg.recipe} names no methods: pass --methods")
+    overrides = _parse_set(cfg.set)
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if data is None:
+    if cfg.data is None:
         data_dir = materialize(source, out / "data")
-    elif is_hf_source(data):  # the same recipe (filter, captions) on another copy of the dataset
-        data_dir = materialize(replace(source, source=str(data)), out / "data")
+    elif is_hf_source(cfg.data):  # the same recipe (filter, captions) on another copy of the dataset
+        data_dir = materialize(replace(source, source=str(cfg.data)), out / "data")
     else:
-        data_dir = Path(data)
-    embedder = load_embedder(clip_model, clip_checkpoint)  # missing CLIP weights stop us before any training
+        data_dir = Path(cfg.data)
+    embedder = load_embedder(cfg.clip)  # missing CLIP weights stop us before any training
     rows = []
     for method in methods:
-        run_dir = out / method
-        if not (run_dir / LORA_FILE).exists():
-            cfg = TrainConfig.from_dict({**settings, **(overrides or {}), "method": method})
-            train(replace(cfg, data=data_dir, output_dir=run_dir))
+        run = RunDir(out / method)
+        if not run.lora.exists():
+            train_cfg = TrainConfig.from_dict({**settings, **overrides, "method": method})
+            train(replace(train_cfg, data=data_dir, output_dir=run.path))
         else:
-            log.info("%s: trained run found in %s, reused", method, run_dir)
-        score_file = run_dir / "cmmd.json"
-        if not score_file.exists() or json.loads(score_file.read_text())["clip_model"] != embedder.model_name:
-            evaluate_run(run_dir, embedder, steps=eval_steps, limit=eval_limit)
-        score = json.loads(score_file.read_text())
+            log.info("%s: trained run found in %s, reused", method, run.path)
+        score = run.read_cmmd()
+        if score is None or score["clip_model"] != embedder.model_name:
+            score = evaluate_run(EvalConfig(run.path, clip=cfg.clip, steps=cfg.eval_steps, limit=cfg.eval_limit),
+                                 embedder)
         rows.append({"method": method, "cmmd": score["cmmd"], "n_images": score["n_images"],
-                     "steps": _steps(run_dir),
-                     "clip_model": score["clip_model"], "trustworthy": score["trustworthy"]})
-    grid = sample(out / methods[0], loras=[out / m / LORA_FILE for m in methods], out_file=out / "samples.png")
-    return _write_table(out, recipe, rows, trust_label(embedder), grid)
-
-
-def _steps(run_dir: Path) -> int:
-    """Optimizer steps the run took (rows of its loss log)."""
-    with open(run_dir / "losses.csv", encoding="utf-8") as f:
-        return sum(1 for _ in csv.DictReader(f))
+                     "steps": run.steps_done(), "clip_model": score["clip_model"],
+                     "trustworthy": score["trustworthy"]})
+    comparison = sample(SampleConfig(str(out / methods[0]), lora=tuple(out / m / RunDir.LORA for m in methods)))
+    grid = save_grid(comparison, out / RunDir.GRID)
+    return _write_table(out, cfg.recipe, rows, trust_label(embedder), grid)
 
 
 def _write_table(out: Path, recipe: str | Path, rows: list[dict], label: str, grid: Path) -> Path:

@@ -6,67 +6,94 @@ shows what the exported file does, not what the training process held in memory.
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image, ImageDraw, ImageFont
+from safetensors import safe_open
 
-from pipelines.export import CONFIG_FILE, LORA_FILE
+from opdiff.settings import Settings, option
+from pipelines.encoding import native_resolution
 from pipelines.model import load_pipeline
-from pipelines.train import native_resolution
+from pipelines.rundir import RunDir
 
-GRID_FILE = "samples.png"
 MIN_CELL = 192  # small models' images are upscaled (nearest) to at least this many pixels so the grid is legible
 LABEL_HEIGHT = 16
 DEFAULT_PROMPTS = ("a painting in opdiff style",)
 
 
-def sample(
-    source: str | Path,
-    prompts: list[str] | tuple[str, ...] | None = None,
-    seeds: list[int] | tuple[int, ...] | None = None,
-    out_file: str | Path | None = None,
-    loras: list[str | Path] | tuple[str | Path, ...] = (),
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    device: str | None = None,
-) -> Path:
-    """Render a grid (rows = prompt x seed, columns = base | each adapter) and return the PNG's path.
+@dataclass
+class SampleConfig(Settings):
+    """`opdiff sample`: base vs adapted images on the same prompts, seeds and noise."""
 
-    `source` is a run folder (its base, its `lora.safetensors`, and its sample prompts, seeds, steps and
-    resolution as defaults) or a base model (diffusers folder, single file, hub id) compared against `loras`.
+    source: str = option(help="A run folder (uses its base, LoRA and sample settings) or a base model.",
+                         group="run", positional=True)
+    lora: tuple[Path, ...] = option((), "LoRA files to compare against the base; empty: the run folder's "
+                                    "lora.safetensors.", group="basic", label="LoRA files")
+    prompt: tuple[str, ...] = option((), "Prompts; empty: the run's sample prompts.", group="basic")
+    seed: tuple[int, ...] = option((), "Seeds; empty: the run's sample seeds.", group="basic")
+    steps: int | None = option(None, "Denoising steps.", group="basic", minimum=1, none_means="the run's sample_steps")
+    guidance_scale: float | None = option(None, "Classifier-free guidance.", group="basic", minimum=0,
+                                          none_means="the run's guidance_scale", label="guidance scale")
+    out: Path | None = option(None, "Grid PNG path.", group="basic",
+                              none_means="<run folder>/samples.png, or ./samples.png for a base model")
+    device: str | None = option(None, "Torch device.", none_means="cuda when available, else cpu")
+
+
+@dataclass
+class Comparison:
+    """Images of several models on the same prompts and seeds: one column per model, one row per prompt x seed."""
+
+    titles: list[str]
+    """Column titles: "base", then one per LoRA (its method and run)."""
+    rows: list[tuple[str, list[Image.Image]]] = field(default_factory=list)
+    """(label "seed S: prompt", one image per column)."""
+
+
+def sample(cfg: SampleConfig) -> Comparison:
+    """Render base and every adapter on the same prompts, seeds and initial noise; return the comparison.
+
+    `cfg.source` is a run folder (its base, its `lora.safetensors`, and its sample prompts, seeds, steps and
+    resolution as defaults) or a base model (diffusers folder, single file, hub id) compared against `cfg.lora`.
     """
-    run = _run_config(Path(source))
-    settings = run["train"] if run else {}
-    base = run["base"] if run else str(source)
-    loras = [Path(p) for p in loras] or ([Path(source) / LORA_FILE] if run else [])
-    prompts = list(prompts or settings.get("sample_prompts") or DEFAULT_PROMPTS)
-    seeds = list(seeds if seeds is not None else settings.get("sample_seeds", (0,)))
-    steps = steps or settings.get("sample_steps", 20)
-    guidance_scale = guidance_scale if guidance_scale is not None else settings.get("guidance_scale", 5.0)
-    if out_file is None:
-        out_file = Path(source) / GRID_FILE if run else Path(GRID_FILE)
+    run = RunDir(cfg.source)
+    config = run.read_config() if run.is_run() else None
+    settings = config["train"] if config else {}
+    loras = list(cfg.lora) or ([run.lora] if config else [])
+    prompts = list(cfg.prompt or settings.get("sample_prompts") or DEFAULT_PROMPTS)
+    seeds = list(cfg.seed or settings.get("sample_seeds") or (0,))
+    steps = cfg.steps or settings.get("sample_steps", 20)
+    guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else settings.get("guidance_scale", 5.0)
 
-    pipe = load_pipeline(base, device=device)
+    pipe = load_pipeline(config["base"] if config else cfg.source, device=cfg.device, vae=settings.get("vae"))
     size = settings.get("resolution") or native_resolution(pipe)
     names = [f"adapter{i}" for i in range(len(loras))]
     for path, name in zip(loras, names, strict=True):
         pipe.load_lora_weights(str(path), adapter_name=name)
-    titles = ["base"] + [_title(p) for p in loras]
-
-    rows = []
+    comparison = Comparison(["base"] + [_title(p) for p in loras])
     for prompt in prompts:
         for seed in seeds:
-            images = [_render(pipe, None, prompt, seed, size, steps, guidance_scale)]
-            images += [_render(pipe, name, prompt, seed, size, steps, guidance_scale) for name in names]
-            rows.append((f"seed {seed}: {prompt}", images))
-    grid = grid_image(rows, titles)
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out_file)
-    return out_file
+            images = [_render(pipe, name, prompt, seed, size, steps, guidance_scale) for name in [None, *names]]
+            comparison.rows.append((f"seed {seed}: {prompt}", images))
+    return comparison
+
+
+def default_grid_path(cfg: SampleConfig) -> Path:
+    """Where `opdiff sample` saves the grid: `cfg.out`, else the run folder's samples.png, else ./samples.png."""
+    if cfg.out is not None:
+        return Path(cfg.out)
+    run = RunDir(cfg.source)
+    return run.grid if run.is_run() else Path(RunDir.GRID)
+
+
+def save_grid(comparison: Comparison, path: str | Path) -> Path:
+    """Save the comparison as one labelled grid PNG; return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(comparison.rows, comparison.titles).save(path)
+    return path
 
 
 def _render(pipe: StableDiffusionXLPipeline, adapter: str | None, prompt: str, seed: int, size: int, steps: int,
@@ -110,14 +137,7 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width:
 
 def _title(lora: Path) -> str:
     """Column title of a LoRA file: its method (from the file's metadata) and the run folder's name."""
-    from safetensors import safe_open
-
     with safe_open(str(lora), framework="pt") as f:
-        method = (f.metadata() or {}).get("opdiff_method", "lora")
-    return f"{method}: {lora.parent.name if lora.name == LORA_FILE else lora.stem}"
-
-
-def _run_config(path: Path) -> dict | None:
-    """The run's config.json if `path` is a run folder, else None."""
-    config = path / CONFIG_FILE
-    return json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
+        method = (f.metadata() or {}).get("opdiff_method")
+    name = lora.parent.name if lora.name == RunDir.LORA else lora.stem
+    return f"{method}: {name}" if method else name

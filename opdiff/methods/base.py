@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from opdiff.config import AdapterConfig
     from opdiff.inject import AdaptedLayer
 
-ProbeLoss = Callable[[], float]
-"""The loss on fixed batches under the current weights, without gradients (what Eq. 7 of lora-over.txt measures)."""
+ProbeLoss = Callable[[int], float]
+"""`probe_loss(n)`: the mean loss on the first n of a fixed set of batches (fixed noise and timesteps) under the
+current weights, without gradients; what Eq. 7 of lora-over.txt measures."""
 
 
 class Method:
@@ -79,7 +80,7 @@ class Method:
         """Called after optimizer step `step`; may change the model's structure and the optimizer's groups.
 
         Returns events worth showing the user (one dict each, e.g. a matrix given MPO cores); none by default.
-        `probe_loss()` measures the loss on fixed batches (built on first call).
+        `probe_loss(n)` measures the loss on n fixed batches (built on first call).
         """
         return []
 

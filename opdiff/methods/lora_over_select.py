@@ -16,6 +16,7 @@ cores to the optimizer's `mpo` group and drops the old tensor's optimizer state.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,7 +78,7 @@ class Selector(nn.Module):
                     self.scores[k] += (w.grad.double() * w.double()).sum().abs()
 
     def step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None,
-             eval_loss: ProbeLoss | None = None) -> list[dict]:
+             eval_loss: Callable[[], float] | None = None) -> list[dict]:
         """Run the selection due after optimizer step `step` (1-based); return what was chosen (may be empty).
 
         MPOP needs `eval_loss`: the loss on the fixed scoring batches under the current weights (no grad).
@@ -110,7 +111,7 @@ class Selector(nn.Module):
         return chosen
 
     @torch.no_grad()
-    def _loss_scores(self, model: nn.Module, eval_loss: ProbeLoss) -> torch.Tensor:
+    def _loss_scores(self, model: nn.Module, eval_loss: Callable[[], float]) -> torch.Tensor:
         """Eq. 7 by definition: zero each matrix in turn and measure the change of the loss."""
         base = eval_loss()
         scores = torch.zeros(len(self.groups), dtype=torch.float64)
@@ -209,7 +210,8 @@ class Selecting(LoRAOver):
     def after_step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer,
                    probe_loss: ProbeLoss) -> list[dict]:
         """Run the selection round due now, if any; return the matrices given cores."""
-        return _selector(model).step(model, step, optimizer, probe_loss)
+        config = model.opdiff_config
+        return _selector(model).step(model, step, optimizer, lambda: probe_loss(config.select_batches))
 
     def before_load(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Load the selection buffers, then give the matrices chosen so far their cores back."""
