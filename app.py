@@ -42,17 +42,24 @@ CACHE_DIR = "cache"
 POLL_SECONDS = 1.0
 THUMBNAIL_PX = 256
 
-# The training form is built from TrainConfig's settings (`opdiff.settings.Setting`): one widget per setting,
-# laid out by group; a method's own settings are shown only while a method that reads them is chosen.
-FORM_SETTINGS = [s for s in TrainConfig.settings() if s.name not in ("output_dir", "resume")]
 GROUP_TITLES = {"method": "Method settings", "data": "Captions and images", "sampling": "Sample images",
                 "advanced": "Advanced"}
 
 
+def form_settings() -> list[Setting]:
+    """The training form's settings: TrainConfig's, read from the registry now (a method registered at run time
+    brings its own), without the run folder, which the app chooses."""
+    return [s for s in TrainConfig.settings() if s.name not in ("output_dir", "resume")]
+
+
 def form_spec(method: str) -> dict[str, list[str]]:
-    """The training form for `method`: {group: names of the settings shown}, in the order shown."""
+    """The training form for `method`: {group: names of the settings shown}, in the order shown.
+
+    Built from TrainConfig's settings (`opdiff.settings.Setting`): one widget per setting, laid out by group; a
+    method's own settings are shown only while a method that reads them is chosen.
+    """
     spec: dict[str, list[str]] = {g: [] for g in GROUPS}
-    for s in FORM_SETTINGS:
+    for s in form_settings():
         if s.applies_to(method):
             spec[s.group].append(s.name)
     return {g: names for g, names in spec.items() if names}
@@ -231,7 +238,7 @@ class App:
 
     def method_changed(self, method: str) -> list:
         """Show the settings the chosen method reads, hide the other methods' settings."""
-        return [gr.update(visible=s.applies_to(method)) for s in FORM_SETTINGS if s.read_by is not None]
+        return [gr.update(visible=s.applies_to(method)) for s in form_settings() if s.read_by is not None]
 
     def stop_training(self) -> tuple:
         """Ask the run to stop after its current step; it still saves and exports what it has."""
@@ -401,9 +408,9 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
 
             with gr.Tab("Train", id="train") as train_tab:
                 form: dict[str, gr.components.Component] = {}
-                shown = form_spec(TrainConfig().method)
+                shown, settings = form_spec(TrainConfig().method), form_settings()
                 for group in GROUPS:
-                    members = [s for s in FORM_SETTINGS if s.group == group]
+                    members = [s for s in settings if s.group == group]
                     if not members:
                         continue
                     title = GROUP_TITLES.get(group)
@@ -487,7 +494,7 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
         view_dataset.input(app.show_dataset, view_dataset, dataset_outputs, api_name="show_dataset")
         save_button.click(app.save_captions, [view_dataset, captions], dataset_outputs, api_name="save_captions")
 
-        method_widgets = [form[s.name] for s in FORM_SETTINGS if s.read_by is not None]
+        method_widgets = [form[s.name] for s in form_settings() if s.read_by is not None]
         form["method"].change(app.method_changed, form["method"], method_widgets, api_name="method_changed")
         status_outputs = [status_html, loss_plot, selections, job, start, stop]
         start.click(_keyword_handler(app.start_training, form), inputs_kwargs=form, outputs=status_outputs, api_name="start_training")

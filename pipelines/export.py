@@ -134,7 +134,7 @@ def export(
         run = RunDir(source)
         unet, run_config = _unet_from_run(run)
     if out_file is None:  # the run folder's own names, whichever formats are asked for
-        default = output_files(run / f"lora{DTYPE_SUFFIXES[dtype]}.safetensors")
+        default = output_files(run.lora.with_stem(run.lora.stem + DTYPE_SUFFIXES[dtype]))
         files = {fmt: path for fmt, path in default.items() if format in (fmt, "both")}
     else:
         files = output_files(out_file, format)
