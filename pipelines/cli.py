@@ -171,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the `opdiff` command line; return the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("pipelines").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag that argparse has already explained
+        return int(e.code or 0)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, FloatingPointError, ClipWeightsMissing) as e:  # user errors: no traceback

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,9 +39,13 @@ def _check_compile(value: str | None) -> None:
         raise ValueError(f"compile must be a torch.compile backend {torch.compiler.list_backends()}, got {value!r}")
 
 
-@dataclass
+@dataclass(init=False)
 class TrainConfig(Settings):
-    """Everything a training run needs. Defaults train a LoRA on the bundled tiny model and demo images."""
+    """Everything a training run needs. Defaults train a LoRA on the bundled tiny model and demo images.
+
+    Adapter settings may be given flat, as on the command line: `TrainConfig(method="op-lora", rank=8, lr=1e-4)`
+    is `TrainConfig(adapter=AdapterConfig(method="op-lora", rank=8), lr=1e-4)`.
+    """
 
     base: str = option(str(BUNDLED_MODEL), "Base model: a diffusers folder, a single-file .safetensors SDXL "
                        "checkpoint, or a Hugging Face hub id.", group="run", label="base model")
@@ -103,6 +107,21 @@ class TrainConfig(Settings):
     checkpoint_every: int | None = option(None, "Save a resumable checkpoint every this many steps (always at the "
                                           "end).", minimum=1, none_means="only at the end", label="checkpoint every")
 
+    def __init__(self, adapter: AdapterConfig | None = None, **values: Any) -> None:
+        adapter_names = {s.name for s in AdapterConfig.settings()}
+        flat = {k: values.pop(k) for k in list(values) if k in adapter_names}
+        if adapter is None:
+            adapter = AdapterConfig.from_dict(flat)
+        elif flat:
+            adapter = adapter.replace(**flat)
+        self.adapter = adapter
+        for f in fields(self):
+            if f.name != "adapter":
+                setattr(self, f.name, values.pop(f.name) if f.name in values else _field_default(f))
+        if values:
+            raise TypeError(f"unknown setting(s): {', '.join(sorted(values))}")
+        self.__post_init__()
+
     def __post_init__(self) -> None:
         for s in self.settings():
             if s.name in self.__dict__ and s.name != "adapter":
@@ -116,6 +135,10 @@ class TrainConfig(Settings):
     def method(self) -> str:
         """The adapter method's name (`adapter.method`)."""
         return self.adapter.method
+
+
+def _field_default(f: Any) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 def load_config_file(path: str | Path) -> dict:

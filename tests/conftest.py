@@ -72,3 +72,33 @@ def quick_settings() -> Callable[[str], dict]:
         return {"method": method, **selection, **targets}
 
     return settings
+
+
+RANDOM_CLIP = "opdiff-tiny-random"
+# A 1-layer ViT on 32 px images with 16-dim embeddings: the smallest open_clip config that embeds real images.
+RANDOM_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 512, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def random_clip():
+    """A tiny CLIP embedder with fixed random weights: every step of CMMD runs for real in milliseconds, but its
+    scores mean nothing (the embedder says so: `trustworthy` is False). Tests only; never a product option."""
+    import json
+    import tempfile
+
+    import open_clip
+
+    from metrics import ClipEmbedder
+
+    if open_clip.get_model_config(RANDOM_CLIP) is None:
+        # open_clip registers configs from JSON files only; its registry keeps the entry after the file is gone.
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / f"{RANDOM_CLIP}.json"
+            path.write_text(json.dumps(RANDOM_CLIP_CONFIG), encoding="utf-8")
+            open_clip.add_model_config(path)
+    return ClipEmbedder.load(RANDOM_CLIP, random_init=True, seed=0)

@@ -23,7 +23,8 @@ from PIL import Image
 
 from pipelines.config import TrainConfig
 from pipelines.data import extract_zip, open_rgb, scan_dataset
-from pipelines.train import UNZIPPED_DIR, train
+from pipelines.rundir import RunDir
+from pipelines.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -233,6 +234,6 @@ def test_zip_dataset_is_extracted_inside_the_run_folder(tmp_path, bundled_data, 
     monkeypatch.setattr("tempfile.mkdtemp", no_temporary_folders)
     run_dir = train(TrainConfig(data=tmp_path / "set.zip", output_dir=tmp_path / "run", max_steps=1))
     dataset = json.loads((run_dir / "config.json").read_text())["dataset"]
-    assert dataset["root"] == str((run_dir / UNZIPPED_DIR / "pictures").resolve())
+    assert dataset["root"] == str((run_dir / RunDir.DATASET / "pictures").resolve())
     assert dataset["images"] == 2 and dataset["skipped"] == []
-    assert not (run_dir / UNZIPPED_DIR / "__MACOSX").exists()
+    assert not (run_dir / RunDir.DATASET / "__MACOSX").exists()

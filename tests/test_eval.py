@@ -1,7 +1,8 @@
 """`opdiff cmmd` and `opdiff eval`: CMMD of two folders, and a run scored by op-lora.txt Sec. 4.1.
 
-CLIP here is the tiny random-weight model behind `--clip-model tiny-random`: its numbers mean nothing, but every
-step of the protocol (generation, file layout, embedding, CMMD, labels) runs for real.
+CLIP here is the bundled demo CLIP (`--clip-model demo`) on the command line, and the tests' tiny random-weight CLIP
+(the `random_clip` fixture) in Python: the numbers mean little, but every step of the protocol (generation, file
+layout, embedding, CMMD, labels) runs for real.
 """
 
 import json
@@ -20,8 +21,9 @@ from pipelines.cli import main
 from pipelines.config import TrainConfig
 from pipelines.data import scan_dataset
 from pipelines.evaluate import (
-    CMMD_FILE,
-    TINY_RANDOM,
+    DEMO_CLIP,
+    ClipOptions,
+    EvalConfig,
     cmmd_dirs,
     evaluate_run,
     generate_for_captions,
@@ -29,12 +31,15 @@ from pipelines.evaluate import (
     trust_label,
 )
 from pipelines.model import load_pipeline
+from pipelines.rundir import RunDir
 from pipelines.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 N_IMAGES = 4
-TINY = ["--clip-model", TINY_RANDOM]
+TINY = ["--clip-model", DEMO_CLIP]
+DEMO_NOTE = "note: the bundled demo CLIP"
+CMMD_FILE = RunDir.CMMD
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +92,14 @@ def _printed_cmmd(out: str) -> float:
 def test_eval_writes_cmmd_json_and_one_image_per_caption(run_dir, capsys):
     assert main(["eval", str(run_dir), *TINY, "--steps", "2", "--base-too"]) == 0
     out = capsys.readouterr().out
-    assert "UNTRUSTWORTHY: random CLIP weights" in out
+    assert DEMO_NOTE in out
 
     result = json.loads((run_dir / CMMD_FILE).read_text())
     assert result["cmmd"] == pytest.approx(_printed_cmmd(out), abs=1e-4)
     assert {k: result[k] for k in ("n_images", "n_reference", "trustworthy", "steps", "seed")} == {
-        "n_images": N_IMAGES, "n_reference": N_IMAGES, "trustworthy": False, "steps": 2, "seed": 0
+        "n_images": N_IMAGES, "n_reference": N_IMAGES, "trustworthy": True, "steps": 2, "seed": 0
     }
-    assert result["clip_model"] == load_embedder(TINY_RANDOM).model_name
+    assert result["clip_model"] == load_embedder(ClipOptions(clip_model=DEMO_CLIP)).model_name
     assert math.isfinite(result["cmmd"]) and math.isfinite(result["base_cmmd"])
 
     data = json.loads((run_dir / "config.json").read_text())["dataset"]["path"]
@@ -110,12 +115,12 @@ def test_eval_writes_cmmd_json_and_one_image_per_caption(run_dir, capsys):
     assert np.abs(adapted - base).max() > 1
 
 
-def test_evaluate_run_limit_replaces_earlier_images(run_dir):
+def test_evaluate_run_limit_replaces_earlier_images(run_dir, random_clip):
     images = run_dir / "eval" / "images"
     images.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8)).save(images / "stale.png")
 
-    result = evaluate_run(run_dir, load_embedder(TINY_RANDOM), steps=1, seed=3, limit=2, guidance_scale=1.0)
+    result = evaluate_run(EvalConfig(run_dir, steps=1, seed=3, limit=2, guidance_scale=1.0), random_clip)
     assert result == json.loads((run_dir / CMMD_FILE).read_text())
     assert (result["n_images"], result["n_reference"], result["seed"], result["guidance_scale"]) == (2, N_IMAGES, 3, 1.0)
     assert "base_cmmd" not in result
@@ -134,16 +139,16 @@ def test_caption_i_is_generated_from_seed_plus_i(bundled_model, tmp_path):
 # --- opdiff cmmd ------------------------------------------------------------------------------------------------
 
 
-def test_cmmd_of_a_folder_with_itself_is_zero(folders, capsys):
+def test_cmmd_of_a_folder_with_itself_is_zero(folders, capsys, random_clip):
     a, _ = folders
     assert main(["cmmd", str(a), str(a), *TINY]) == 0
     out = capsys.readouterr().out
     assert _printed_cmmd(out) == 0
-    assert "UNTRUSTWORTHY: random CLIP weights" in out
-    assert cmmd_dirs(a, a, load_embedder(TINY_RANDOM)) == 0
+    assert DEMO_NOTE in out
+    assert cmmd_dirs(a, a, random_clip) == 0
 
 
-def test_cmmd_of_different_folders_is_positive_and_symmetric(folders, tmp_path, capsys):
+def test_cmmd_of_different_folders_is_positive_and_symmetric(folders, tmp_path, capsys, random_clip):
     a, b = folders
     assert main(["cmmd", str(a), str(b), *TINY, "--cache-dir", str(tmp_path / "cache")]) == 0
     ab = capsys.readouterr().out
@@ -154,8 +159,7 @@ def test_cmmd_of_different_folders_is_positive_and_symmetric(folders, tmp_path, 
     assert "5 images in" in ab
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # one embedding file per folder
 
-    embedder = load_embedder(TINY_RANDOM)
-    assert cmmd_dirs(a, b, embedder) == pytest.approx(cmmd_dirs(b, a, embedder), rel=1e-12)
+    assert cmmd_dirs(a, b, random_clip) == pytest.approx(cmmd_dirs(b, a, random_clip), rel=1e-12)
 
 
 # --- no weights, wrong inputs, labels ---------------------------------------------------------------------------
@@ -196,8 +200,9 @@ def test_cli_errors_exit_2_with_the_reason(argv, message, folders, run_dir, tmp_
     assert message in capsys.readouterr().err
 
 
-def test_trust_labels():
-    assert trust_label(load_embedder(TINY_RANDOM)).startswith("UNTRUSTWORTHY: random CLIP weights")
+def test_trust_labels(random_clip):
+    assert trust_label(random_clip).startswith("UNTRUSTWORTHY: random CLIP weights")
+    assert trust_label(load_embedder(ClipOptions(clip_model=DEMO_CLIP))).startswith(DEMO_NOTE)
     other = ClipEmbedder(torch.nn.Identity(), "ViT-B-32-quickgelu", "file", 224, torch.device("cpu"))
     assert "not the reference ViT-L-14-336-quickgelu" in trust_label(other)
     reference = ClipEmbedder(torch.nn.Identity(), "ViT-L-14-336-quickgelu", "file", 336, torch.device("cpu"))

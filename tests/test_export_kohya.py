@@ -25,12 +25,14 @@ import pipelines.export
 import pipelines.train
 from pipelines.cli import main
 from pipelines.config import TrainConfig
-from pipelines.export import KOHYA_FILE, LORA_FILE, export, kohya_tensors, lora_tensors
+from pipelines.export import export, kohya_tensors, lora_tensors, output_files
+from pipelines.rundir import RunDir
 from pipelines.kohya import kohya_names, sgm_prefixes
 from pipelines.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+LORA_FILE, KOHYA_FILE = RunDir.LORA, output_files(RunDir.LORA)["kohya"].name
 SDXL_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "sdxl-base-1.0-unet-config.json"
 
 
@@ -254,11 +256,8 @@ def test_python_export_names_both_files_and_rejects_unknown_formats(run_copy, tm
 
 
 def test_measured_cmmd_goes_into_both_headers(run_copy):
-    # The files export reads are the ones training and `opdiff eval` write.
-    assert pipelines.export.CMMD_FILE == pipelines.evaluate.CMMD_FILE
-    assert pipelines.export.LOSSES_FILE == pipelines.train.LOSSES_FILE
     score = {"cmmd": 1.25, "n_images": 1, "clip_model": "ViT-L-14-336-quickgelu", "trustworthy": True}
-    (run_copy / "cmmd.json").write_text(json.dumps(score))
+    RunDir(run_copy).write_cmmd(score)  # what `opdiff eval` writes
     for fmt, file in export(run_copy).items():
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata()

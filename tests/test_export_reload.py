@@ -25,7 +25,8 @@ import opdiff
 from pipelines.cli import main
 from pipelines.config import TrainConfig
 from pipelines.data import scan_dataset
-from pipelines.export import KOHYA_FILE, LORA_FILE, export
+from pipelines.export import export, output_files
+from pipelines.rundir import RunDir
 from pipelines.kohya import kohya_names
 from pipelines.model import load_pipeline
 from pipelines.sample import LABEL_HEIGHT, MIN_CELL, sample
@@ -34,6 +35,7 @@ from pipelines.train import encode_dataset, train
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 CASES = [(m, 4, 4.0) for m in opdiff.METHODS] + [("lora", 4, 8.0), ("dora", 2, 8.0)]
+LORA_FILE, KOHYA_FILE = RunDir.LORA, output_files(RunDir.LORA)["kohya"].name
 FILES = {"diffusers": LORA_FILE, "kohya": KOHYA_FILE}
 
 
@@ -143,7 +145,7 @@ def trained(request, tmp_path_factory, bundled_model, bundled_data, inputs, quic
                       max_steps=3, lr=1e-2, **quick_settings(method))
     run_dir = train(cfg)
     pipe = load_pipeline(bundled_model, device="cpu")
-    opdiff.inject(pipe.unet, cfg.adapter_config())
+    opdiff.inject(pipe.unet, cfg.adapter)
     opdiff.load_training_state_dict(pipe.unet, load_file(run_dir / "adapter_training.safetensors"))
     out, image = _unet_out(pipe.unet, inputs), _image(pipe)
     opdiff.collapse(pipe.unet)

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 import pipelines.train
 from pipelines.cli import build_parser
 from pipelines.config import TrainConfig, config_from_args, resume_config
-from pipelines.train import CHECKPOINT_FILE, train
+from pipelines.rundir import RunDir
+from pipelines.train import train
 
 RESUME_METHODS = ["lora", "op-lora", "lora-over-mpor"]
 STEPS, HALF = 4, 2  # 3 images, batch 1: the second half starts mid-epoch and crosses into the next epoch
@@ -83,7 +84,7 @@ def _assert_same_run(run_dir: Path, events: list[dict], reference: tuple[Path, l
 
 
 def _checkpoint(run_dir: Path) -> dict:
-    return torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    return torch.load(run_dir / RunDir.CHECKPOINT, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("method", RESUME_METHODS)
@@ -147,7 +148,7 @@ def test_second_ctrl_c_aborts_without_a_checkpoint(workdir):
 
     with pytest.raises(KeyboardInterrupt):
         train(_run(workdir, "abort", "lora"), on_event=press_twice)
-    assert not (workdir / "abort" / CHECKPOINT_FILE).exists()
+    assert not (workdir / "abort" / RunDir.CHECKPOINT).exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
