@@ -34,7 +34,7 @@ from diffusers import UNet2DConditionModel
 from train_step import peak_memory, random_sdxl_unet  # bench/ is on sys.path when run as a script
 
 import opdiff
-from pipelines.train import adamw
+from pipelines.step import adamw
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SDXL_CONFIG = ASSETS / "sdxl-base-1.0-unet-config.json"
@@ -43,9 +43,9 @@ TINY_UNET = ASSETS / "tiny-sdxl" / "unet"
 
 def select_all_n(model: torch.nn.Module) -> None:
     """For MPOP/MPOR: convert the first N matrices per group, the state once selection has finished."""
-    sel = opdiff.selector(model)
-    if sel is None:
+    if "select" not in model.opdiff:  # the selection state LoRA-Over MPOP/MPOR keep (opdiff/methods/lora_over_select)
         return
+    sel = model.opdiff["select"]
     for group in sorted(set(sel.groups)):
         for k in [k for k, g in enumerate(sel.groups) if g == group][: sel.config.select_top_n]:
             sel.convert(model, k, None)

@@ -36,7 +36,7 @@ from methods import select_all_n  # noqa: E402  (bench/ is on sys.path when run 
 from train_step import random_sdxl_unet  # noqa: E402
 
 import opdiff  # noqa: E402
-from pipelines.train import adamw  # noqa: E402
+from pipelines.step import adamw  # noqa: E402
 
 TINY_UNET = Path(__file__).resolve().parent.parent / "assets" / "tiny-sdxl" / "unet"
 PARTS = ("adapter forward", "U-Net forward", "U-Net backward", "adapter backward", "optimizer")

@@ -43,8 +43,10 @@ import opdiff
 from metrics import ClipEmbedder, cmmd
 from pipelines.config import BUNDLED_DATA, BUNDLED_MODEL, TrainConfig
 from pipelines.data import scan_dataset
+from pipelines.encoding import Encoded, encode_dataset, native_resolution
 from pipelines.model import load_pipeline
-from pipelines.train import Encoded, diffusion_loss, encode_dataset, native_resolution, train
+from pipelines.step import diffusion_loss
+from pipelines.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CLIP = REPO / "assets" / "tiny-clip"

@@ -41,8 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import opdiff  # noqa: E402
 from pipelines.config import BUNDLED_DATA, BUNDLED_MODEL, TrainConfig  # noqa: E402
 from pipelines.data import scan_dataset  # noqa: E402
+from pipelines.encoding import Encoded  # noqa: E402
 from pipelines.model import load_pipeline  # noqa: E402
-from pipelines.train import Encoded, TrainingData, training_step  # noqa: E402
+from pipelines.step import Trainer  # noqa: E402
+from pipelines.training_data import TrainingData  # noqa: E402
 
 SDXL_CONFIG = BUNDLED_MODEL.parent / "sdxl-base-1.0-unet-config.json"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -146,20 +148,21 @@ def tiny_variant(variant: str, images: int, steps: int, device: str) -> None:
 def _train_steps(pipe, data: TrainingData, cfg: TrainConfig, steps: int, device: str) -> list[float]:
     unet = pipe.unet
     torch.manual_seed(0)
-    opdiff.inject(unet, cfg.adapter_config())
+    opdiff.inject(unet, cfg.adapter)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train().to(device)
     optimizer = torch.optim.AdamW(opdiff.param_groups(unet, cfg.lr))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     rng, counter = torch.Generator().manual_seed(0), [0]
+    trainer = Trainer(unet, optimizer, scheduler)
 
     def step() -> None:
         counter[0] += 1
         index = [counter[0] % len(data.examples)]
         batch = data.batch(index, data.views(index, rng))
         noise = torch.randn(batch.latents.shape, generator=rng).to(device)
-        training_step(unet, optimizer, scheduler, batch, noise, torch.tensor([500], device=device), counter[0])
+        trainer.step(counter[0], batch, noise, torch.tensor([500], device=device))
 
     return timed(step, steps, device)
 
@@ -215,11 +218,11 @@ def sdxl(resolution: int, steps: int, dtype_name: str, device: str) -> None:
     noise = torch.randn(batch.latents.shape, generator=g).to(device)
     autocast = dtype if dtype != torch.float32 else None
     counter = [0]
+    trainer = Trainer(unet, optimizer, scheduler, autocast)
 
     def step() -> None:
         counter[0] += 1
-        training_step(unet, optimizer, scheduler, batch, noise, torch.tensor([500], device=device), counter[0],
-                      autocast)
+        trainer.step(counter[0], batch, noise, torch.tensor([500], device=device))
 
     trainable = sum(p.numel() for p in opdiff.trainable_parameters(unet))
     rows = {}

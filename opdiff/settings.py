@@ -130,11 +130,11 @@ class Setting:
     def _one(self, value: Any) -> Any:
         tp = self.item_type
         choices = self.allowed
+        if choices is not None:
+            if value not in choices:
+                raise ValueError(f"unknown {self.name} {value!r}; choose one of: {', '.join(map(str, choices))}")
+            return value
         try:
-            if choices is not None:
-                if value not in choices:
-                    raise ValueError(f"choose one of {', '.join(map(str, choices))}")
-                return value
             if tp is bool:
                 if isinstance(value, str):
                     if value.lower() not in ("true", "false", "1", "0", "yes", "no"):

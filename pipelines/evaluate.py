@@ -55,7 +55,7 @@ class ClipOptions(Settings):
         "ViT-L-14-336px.pt).", group="basic", none_means="the open_clip / Hugging Face cache",
         label="CLIP weights file")
     batch_size: int = option(16, "Images per CLIP forward pass.", minimum=1, label="CLIP batch size")
-    device: str | None = option(None, "Torch device.", none_means="cuda when available, else cpu")
+    device: str | None = option(None, "Torch device to run on, e.g. cuda:1.", none_means="cuda when available, else cpu")
 
 
 def load_embedder(options: ClipOptions | None = None) -> ClipEmbedder:
@@ -157,7 +157,7 @@ class EvalConfig(Settings):
     clip: ClipOptions = field(default_factory=ClipOptions)
     steps: int | None = option(None, "Denoising steps per image.", group="basic", minimum=1,
                                none_means="the run's sample_steps")
-    guidance_scale: float | None = option(None, "Classifier-free guidance.", group="basic", minimum=0,
+    guidance_scale: float | None = option(None, "Classifier-free guidance scale: how strongly images follow the prompt.", group="basic", minimum=0,
                                           none_means="the run's guidance_scale", label="guidance scale")
     seed: int = option(0, "Caption i is generated from seed SEED + i.", group="basic")
     limit: int | None = option(None, "Generate for the first N captions only.", group="basic", minimum=1,

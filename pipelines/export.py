@@ -37,9 +37,11 @@ from pipelines.rundir import RunDir
 
 FORMATS = ("diffusers", "kohya", "both")
 ExportFormat = Literal["diffusers", "kohya", "both"]
-ExportDtype = Literal["fp32", "fp16", "bf16"]
+ExportDtype = Literal["fp32", "fp16", "bf16", "float32", "float16", "bfloat16"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-"""The export dtypes by their short names (kohya's `--save_precision` names; the CLI and the GUI offer these)."""
+"""The export dtypes by their short names (kohya's `--save_precision` names); the GUI offers these."""
+DTYPE_NAMES = {**DTYPES, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""What the command line accepts: the short names and torch's."""
 # Short dtype names for default file names; float32 files get none (`lora.safetensors`).
 DTYPE_SUFFIXES = {torch.float32: "", torch.float16: "-fp16", torch.bfloat16: "-bf16"}
 # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY and the prefix `load_lora_weights` expects for the U-Net.
@@ -228,7 +230,7 @@ class ExportConfig(Settings):
     format: ExportFormat = option("both", "Key layout: diffusers (pipe.load_lora_weights), kohya (ComfyUI, "
                                   "AUTOMATIC1111/Forge, kohya; diffusers reads it too), or both; `both` writes the "
                                   "kohya file beside the diffusers one as <name>_kohya.safetensors.", group="basic")
-    out: Path | None = option(None, "Output file.", group="basic", none_means="<run folder>/lora.safetensors "
+    out: Path | None = option(None, "Where to write the (diffusers) file.", group="basic", none_means="<run folder>/lora.safetensors "
                               "(lora-fp16.safetensors, ... in half precision)")
     dtype: ExportDtype = option("fp32", "Tensor precision in the file: fp32 is exact; fp16 and bf16 halve the size.",
                                 group="basic")
@@ -236,4 +238,4 @@ class ExportConfig(Settings):
 
 def export_run(cfg: ExportConfig) -> dict[str, Path]:
     """Export the run `cfg.run_dir` as `cfg` says; return {format: file written}."""
-    return export(cfg.run_dir, cfg.out, DTYPES[cfg.dtype], format=cfg.format)
+    return export(cfg.run_dir, cfg.out, DTYPE_NAMES[cfg.dtype], format=cfg.format)

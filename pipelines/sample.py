@@ -34,12 +34,12 @@ class SampleConfig(Settings):
                                     "lora.safetensors.", group="basic", label="LoRA files")
     prompt: tuple[str, ...] = option((), "Prompts; empty: the run's sample prompts.", group="basic")
     seed: tuple[int, ...] = option((), "Seeds; empty: the run's sample seeds.", group="basic")
-    steps: int | None = option(None, "Denoising steps.", group="basic", minimum=1, none_means="the run's sample_steps")
-    guidance_scale: float | None = option(None, "Classifier-free guidance.", group="basic", minimum=0,
+    steps: int | None = option(None, "Denoising steps per image.", group="basic", minimum=1, none_means="the run's sample_steps")
+    guidance_scale: float | None = option(None, "Classifier-free guidance scale: how strongly images follow the prompt.", group="basic", minimum=0,
                                           none_means="the run's guidance_scale", label="guidance scale")
-    out: Path | None = option(None, "Grid PNG path.", group="basic",
+    out: Path | None = option(None, "Where to save the grid PNG.", group="basic",
                               none_means="<run folder>/samples.png, or ./samples.png for a base model")
-    device: str | None = option(None, "Torch device.", none_means="cuda when available, else cpu")
+    device: str | None = option(None, "Torch device to run on, e.g. cuda:1.", none_means="cuda when available, else cpu")
 
 
 @dataclass

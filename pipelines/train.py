@@ -192,7 +192,8 @@ def _finish(run: RunDir, save: Callable[[int], None], done: int, total: int, une
         if report:
             log.info("%s: %s", method.name, ", ".join(f"{k} = {v:,}" if isinstance(v, int) else f"{k} = {v}"
                                                       for k, v in report.items()))
-            run.write_config({**config, "method_report": report})
+        config = {**config, "method_report": report}
+        run.write_config(config)  # what `opdiff export` reads back: the same header as this export's
         export(unet, run.lora, run_config=config)
     ranks.barrier()
     if done < total and ranks.main:

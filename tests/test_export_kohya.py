@@ -20,14 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import opdiff
-import pipelines.evaluate
-import pipelines.export
-import pipelines.train
 from pipelines.cli import main
 from pipelines.config import TrainConfig
 from pipelines.export import export, kohya_tensors, lora_tensors, output_files
-from pipelines.rundir import RunDir
 from pipelines.kohya import kohya_names, sgm_prefixes
+from pipelines.rundir import RunDir
 from pipelines.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")

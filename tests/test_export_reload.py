@@ -25,12 +25,13 @@ import opdiff
 from pipelines.cli import main
 from pipelines.config import TrainConfig
 from pipelines.data import scan_dataset
+from pipelines.encoding import encode_dataset
 from pipelines.export import export, output_files
-from pipelines.rundir import RunDir
 from pipelines.kohya import kohya_names
 from pipelines.model import load_pipeline
-from pipelines.sample import LABEL_HEIGHT, MIN_CELL, sample
-from pipelines.train import encode_dataset, train
+from pipelines.rundir import RunDir
+from pipelines.sample import LABEL_HEIGHT, MIN_CELL, SampleConfig, default_grid_path, sample, save_grid
+from pipelines.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -289,7 +290,15 @@ def test_sample_grid_compares_base_and_adapters_on_the_same_noise(bundled_model,
     cfg = TrainConfig(data=demo_subset(2), output_dir=tmp_path / "run", method="op-lora", max_steps=3, lr=1e-2,
                       sample_steps=3)
     run_dir = train(cfg)
-    grid_file = sample(run_dir, prompts=["a red circle", "a blue square"], seeds=[0, 1])
+    comparison = sample(SampleConfig(str(run_dir), prompt=("a red circle", "a blue square"), seed=(0, 1)))
+    assert comparison.titles == ["base", f"op-lora: {run_dir.name}"]
+    assert [label for label, _ in comparison.rows] == ["seed 0: a red circle", "seed 1: a red circle",
+                                                       "seed 0: a blue square", "seed 1: a blue square"]
+    assert all(len(images) == 2 for _, images in comparison.rows)
+    first_base, first_adapted = (np.asarray(im, dtype=np.int16) for im in comparison.rows[0][1])
+    assert np.abs(first_base - first_adapted).mean() > 0.5, "adapter had no visible effect"
+
+    grid_file = save_grid(comparison, default_grid_path(SampleConfig(str(run_dir))))
     assert grid_file == run_dir / "samples.png"
     grid = np.asarray(Image.open(grid_file).convert("RGB"), dtype=np.int16)
     cell, label = MIN_CELL, LABEL_HEIGHT
@@ -300,9 +309,8 @@ def test_sample_grid_compares_base_and_adapters_on_the_same_noise(bundled_model,
 
     # A base model with the same LoRA twice: three columns, both adapter columns identical (same noise, same file).
     lora = run_dir / "lora.safetensors"
-    out = sample(bundled_model, ["a red circle"], [0], tmp_path / "three.png", loras=[lora, lora], steps=3)
-    three = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
-    assert three.shape == (label + label + cell, 3 * cell, 3)
-    row = three[2 * label :]
-    assert np.array_equal(row[:, cell : 2 * cell], row[:, 2 * cell :])
-    assert np.array_equal(row[:, :cell], base)  # the base column is the same image in both grids (seed 0)
+    three = sample(SampleConfig(str(bundled_model), prompt=("a red circle",), seed=(0,), lora=(lora, lora), steps=3))
+    assert len(three.titles) == 3 and len(three.rows) == 1
+    images = [np.asarray(im) for im in three.rows[0][1]]
+    assert np.array_equal(images[1], images[2])
+    assert np.array_equal(images[0], np.asarray(comparison.rows[0][1][0]))  # the same base image for seed 0

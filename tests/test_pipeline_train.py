@@ -7,7 +7,7 @@ import csv
 import json
 import subprocess
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,18 +19,14 @@ from safetensors.torch import load_file
 
 import opdiff
 from pipelines.cli import build_parser
-from pipelines.config import TrainConfig, config_from_args, field_docs
+from pipelines.config import TrainConfig, config_from_args
 from pipelines.data import View, center_view, load_view, scan_dataset
+from pipelines.encoding import encode_dataset, encode_image
 from pipelines.model import fingerprint, load_pipeline
-from pipelines.train import (
-    TrainingData,
-    diffusion_loss,
-    encode_dataset,
-    encode_image,
-    epoch_batches,
-    train,
-    training_step,
-)
+from pipelines.rundir import RunDir
+from pipelines.step import Trainer, adamw, diffusion_loss
+from pipelines.train import train
+from pipelines.training_data import TrainingData, epoch_batches
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -71,10 +67,10 @@ def test_train_writes_run_files_and_leaves_base_untouched(method, bundled_model,
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert all(0.0 < float(r["loss"]) < 10.0 for r in rows)
     assert [e["step"] for e in events] == [1, 2, 3] and {e["total"] for e in events} == {3}
-    assert set(events[0]) == {"step", "total", "loss", "it_s", "eta_s", "selected"} and events[-1]["eta_s"] == 0.0
+    assert set(events[0]) == {"step", "total", "loss", "it_s", "eta_s", "events"} and events[-1]["eta_s"] == 0.0
     assert (run_dir / "adapter_training.safetensors").is_file() and (run_dir / "lora.safetensors").is_file()
     if method in SELECTING:
-        assert json.loads((run_dir / "selection.json").read_text()), "selection chose nothing"
+        assert RunDir(run_dir).read_events(), "selection chose nothing"
     _assert_base_unchanged(pipe.unet, before)
 
 
@@ -84,7 +80,7 @@ def test_training_on_a_fixed_batch_lowers_its_loss(method, bundled_model, demo_s
     batch = encode_dataset(pipe, scan_dataset(demo_subset(2)), 64)
     unet = pipe.unet
     torch.manual_seed(0)
-    opdiff.inject(unet, TrainConfig(**quick_settings(method)).adapter_config())
+    opdiff.inject(unet, TrainConfig(**quick_settings(method)).adapter)
     optimizer = torch.optim.AdamW(opdiff.param_groups(unet, 1e-3))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(0))  # (2, 4, 8, 8)
@@ -96,8 +92,9 @@ def test_training_on_a_fixed_batch_lowers_its_loss(method, bundled_model, demo_s
             return diffusion_loss(unet, scheduler, batch, noise, timesteps).item()
 
     first = loss()
+    trainer = Trainer(unet, optimizer, scheduler, probe_loss=lambda n: loss())
     for step in range(1, 6):
-        training_step(unet, optimizer, scheduler, batch, noise, timesteps, step, eval_loss=loss)
+        trainer.step(step, batch, noise, timesteps)
     assert loss() < first - 1e-4
 
 
@@ -142,23 +139,31 @@ def test_training_is_reproducible_from_the_seed(bundled_model, demo_subset, tmp_
 
 
 def test_every_adapter_setting_is_a_train_setting_with_the_same_default():
-    train_fields = {f.name: f for f in fields(TrainConfig)}
-    for f in fields(opdiff.AdapterConfig):
-        assert f.name in train_fields, f"TrainConfig lacks adapter setting {f.name}"
-    assert TrainConfig().adapter_config() == opdiff.AdapterConfig()
+    train = {s.name: s for s in TrainConfig.settings()}
+    for s in opdiff.AdapterConfig.settings():
+        assert s.name in train and train[s.name].default == s.default, s.name
+    assert TrainConfig().adapter == opdiff.AdapterConfig()
+    assert TrainConfig(rank=8, op_width=16).adapter == opdiff.AdapterConfig(rank=8, op_width=16)
 
 
 def test_every_setting_has_help_text():
-    docs = {**field_docs(opdiff.AdapterConfig), **field_docs(TrainConfig)}
-    assert {f.name for f in fields(TrainConfig)} <= set(docs)
+    from pipelines.evaluate import CmmdConfig, EvalConfig
+    from pipelines.export import ExportConfig
+    from pipelines.reproduce import ReproduceConfig
+    from pipelines.sample import SampleConfig
+
+    for cls in (TrainConfig, SampleConfig, ExportConfig, EvalConfig, CmmdConfig, ReproduceConfig):
+        settings = cls.settings()
+        assert settings and all(len(s.help.split()) >= 3 for s in settings), cls.__name__
+        assert len({s.name for s in settings}) == len(settings), f"{cls.__name__} has a setting twice"
 
 
 def test_cli_train_help_lists_every_flag():
     out = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    for f in fields(TrainConfig):
-        assert "--" + f.name.replace("_", "-") in out.stdout
+    for s in TrainConfig.settings():
+        assert s.flag in out.stdout
     for method in METHODS:
         assert method in out.stdout
     assert "--config FILE" in out.stdout
@@ -181,15 +186,14 @@ def test_config_file_then_flags(suffix, tmp_path):
         path.write_text(json.dumps({"method": "op-lora", "rank": 8, "lr": 0.001, "sample_prompts": ["a", "b"]}))
     args = build_parser().parse_args(["train", "--config", str(path), "--rank", "16"])
     cfg = config_from_args(args)
-    assert (cfg.method, cfg.rank, cfg.lr, cfg.sample_prompts) == ("op-lora", 16, 1e-3, ("a", "b"))
-    assert cfg.adapter_config().rank == 16
+    assert (cfg.adapter.method, cfg.adapter.rank, cfg.lr, cfg.sample_prompts) == ("op-lora", 16, 1e-3, ("a", "b"))
 
 
 def test_config_file_with_unknown_keys_names_them(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"method": "lora", "learning_rate": 1, "ranks": 4}))
     args = build_parser().parse_args(["train", "--config", str(path)])
-    with pytest.raises(ValueError, match="unknown setting\\(s\\): learning_rate, ranks"):
+    with pytest.raises(ValueError, match="unknown setting\\(s\\) in .*run.json: learning_rate, ranks"):
         config_from_args(args)
 
 
@@ -198,7 +202,7 @@ def test_run_config_json_is_a_config_file(bundled_model, demo_subset, tmp_path):
     run_dir = train(cfg)
     args = build_parser().parse_args(["train", "--config", str(run_dir / "config.json"), "--max-steps", "2"])
     again = config_from_args(args)
-    assert (again.method, again.rank, again.max_steps, again.resolution) == ("dora", 2, 2, 64)
+    assert (again.adapter.method, again.adapter.rank, again.max_steps, again.resolution) == ("dora", 2, 2, 64)
 
 
 @pytest.mark.parametrize(
@@ -208,7 +212,7 @@ def test_run_config_json_is_a_config_file(bundled_model, demo_subset, tmp_path):
         ({"rank": 0}, "rank must be >= 1"),
         ({"resolution": 100}, "multiple of 8"),
         ({"epochs": 0}, "epochs must be >= 1"),
-        ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
+        ({"mixed_precision": "fp8"}, "unknown mixed_precision 'fp8'; choose one of: no, bf16, fp16"),
         ({"compile": "fastest"}, "compile must be a torch.compile backend"),
     ],
 )
@@ -328,7 +332,7 @@ def test_mixed_aspect_ratios_train_in_single_shape_batches_with_matching_time_id
         seen.append((batch.latents.clone(), batch.time_ids.clone()))
         return diffusion_loss(unet, scheduler, batch, *args, **kwargs)
 
-    monkeypatch.setattr("pipelines.train.diffusion_loss", recording_loss)
+    monkeypatch.setattr("pipelines.step.diffusion_loss", recording_loss)
     pipe = load_pipeline(bundled_model, device="cpu")
     train(TrainConfig(data=tmp_path / "data", output_dir=tmp_path / "run", batch_size=2, epochs=2, flip=True),
           pipe=pipe)
@@ -360,7 +364,8 @@ def test_random_crops_slice_the_cached_latent_where_the_view_lies(bundled_model,
         pixels = F.avg_pool2d(load_view(path, view)[None], 8)[0]  # (3, h/8, w/8)
         return torch.cat([pixels, torch.zeros_like(pixels[:1])])
 
-    monkeypatch.setattr("pipelines.train.encode_image", pooled)
+    monkeypatch.setattr("pipelines.training_data.encode_image", pooled)  # the cached path
+    monkeypatch.setattr("pipelines.encoding.encode_image", pooled)  # the uncached path
     pipe = load_pipeline(bundled_model, device="cpu")
     dataset = scan_dataset(tmp_path / "data")
     cfg = TrainConfig(resolution=64, random_crop=True, flip=True, buckets=False)  # square crops: lots of slack
@@ -421,7 +426,6 @@ def test_compiled_training_follows_the_eager_loss_curve(bundled_model, demo_subs
 
 
 def test_fused_adamw_where_torch_has_it():
-    from pipelines.train import adamw
 
     cpu = [torch.nn.Parameter(torch.zeros(3))]
     assert adamw([{"params": cpu}], 0.0).defaults["fused"] is True

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pipelines.train
+import pipelines.step
 from pipelines.cli import build_parser
 from pipelines.config import TrainConfig, config_from_args, resume_config
 from pipelines.rundir import RunDir
@@ -71,7 +71,7 @@ def _assert_same_run(run_dir: Path, events: list[dict], reference: tuple[Path, l
     ref_dir, ref_events = reference
     assert [e["step"] for e in events] == list(range(1, STEPS + 1))
     assert [e["loss"] for e in events] == [e["loss"] for e in ref_events]  # exact: same floats
-    for name in ("losses.csv", "selection.json"):
+    for name in ("losses.csv", "events.json"):
         assert (run_dir / name).exists() == (ref_dir / name).exists()
         if (ref_dir / name).exists():
             assert (run_dir / name).read_text() == (ref_dir / name).read_text(), name
@@ -93,12 +93,12 @@ def test_resume_after_max_steps_continues_the_same_run(method, workdir, uninterr
     checkpoint = _checkpoint(workdir / f"steps-{method}")
     assert checkpoint["step"] == HALF and len(checkpoint["losses"]) == HALF
     if method == "lora-over-mpor":
-        chosen = json.loads((workdir / f"steps-{method}" / "selection.json").read_text())
+        chosen = json.loads((workdir / f"steps-{method}" / "events.json").read_text())
         assert {row["step"] for row in chosen} == {1, 2}  # selection happened before the interruption ...
     second = _train(resume_config(workdir / f"steps-{method}", max_steps=STEPS))
     _assert_same_run(workdir / f"steps-{method}", first + second, uninterrupted[method])
     if method == "lora-over-mpor":
-        chosen = json.loads((workdir / f"steps-{method}" / "selection.json").read_text())
+        chosen = json.loads((workdir / f"steps-{method}" / "events.json").read_text())
         assert {row["step"] for row in chosen} == {1, 2, 3}  # ... and went on after it
 
 
@@ -153,14 +153,14 @@ def test_second_ctrl_c_aborts_without_a_checkpoint(workdir):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monkeypatch):
-    real_loss, calls = pipelines.train.diffusion_loss, []
+    real_loss, calls = pipelines.step.diffusion_loss, []
 
     def loss_that_diverges(*args, **kwargs):
         calls.append(1)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr("pipelines.train.diffusion_loss", loss_that_diverges)
+    monkeypatch.setattr("pipelines.step.diffusion_loss", loss_that_diverges)
     run_dir = workdir / "nan"
     with pytest.raises(FloatingPointError, match=f"loss is nan at step 3: the run stopped and its last checkpoint "
                                                  f"\\(step 2\\) is kept in {run_dir}"):
@@ -173,7 +173,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monke
 
 def test_checkpoint_holds_everything_to_resume(workdir, uninterrupted):
     checkpoint = _checkpoint(uninterrupted["lora-over-mpor"][0])
-    assert set(checkpoint) == {"format", "step", "adapter", "optimizer", "scaler", "rng", "losses", "selections",
+    assert set(checkpoint) == {"format", "step", "adapter", "optimizer", "scaler", "rng", "losses", "events",
                                "config"}
     assert checkpoint["step"] == STEPS
     assert any(k.startswith("opdiff.select.") for k in checkpoint["adapter"])  # MPOR's scores and choices
