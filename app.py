@@ -30,8 +30,15 @@ from PIL import Image, ImageOps  # noqa: E402
 from opdiff.settings import GROUPS, Setting  # noqa: E402
 from pipelines import jobs  # noqa: E402
 from pipelines.config import BUNDLED_DATA, TrainConfig, resume_config  # noqa: E402
-from pipelines.evaluate import DEMO_CLIP, ClipWeightsMissing, EvalConfig, evaluate_run, trust_label  # noqa: E402
-from pipelines.export import DTYPE_SUFFIXES, DTYPES, FORMATS, ExportConfig, export, output_files  # noqa: E402
+from pipelines.evaluate import (  # noqa: E402
+    DEMO_CLIP,
+    ClipWeightsMissing,
+    EvalConfig,
+    evaluate_run,
+    score_note,
+    trust_label,
+)
+from pipelines.export import DTYPE_NAMES, DTYPE_SUFFIXES, DTYPES, FORMATS, ExportConfig, export, output_files  # noqa: E402
 
 EXPORT_DEFAULTS = ExportConfig(Path("."))
 """The export settings' defaults (the command line's too)."""
@@ -298,7 +305,7 @@ class App:
         for run in jobs.list_runs(self.output_dir):
             if run.cmmd:
                 c = run.cmmd
-                note = "" if c["trustworthy"] else "UNTRUSTWORTHY: random CLIP weights"
+                note = score_note(c["clip_model"], c["trustworthy"])
                 rows.append([run.name, run.method, round(c["cmmd"], 4), _round(c.get("base_cmmd")), c["n_images"],
                              c["clip_model"], note])
         return pd.DataFrame(rows, columns=["run", "method", "CMMD", "base CMMD", "images", "CLIP", "note"])
@@ -328,13 +335,13 @@ class App:
     def export_lora(self, run: str | None, fmt: str = "diffusers", dtype: str = EXPORT_DEFAULTS.dtype) -> tuple:
         """Collapse the run's adapter into LoRA file(s) in the chosen format; return them and a loading snippet."""
         run_dir = self._run(run)
-        if dtype not in DTYPES:
+        if dtype not in DTYPE_NAMES:
             raise gr.Error(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         # Named after the run, so downloads from several runs do not overwrite each other.
-        name = run_dir / f"{run_dir.name}{DTYPE_SUFFIXES[DTYPES[dtype]]}.safetensors"
+        name = run_dir / f"{run_dir.name}{DTYPE_SUFFIXES[DTYPE_NAMES[dtype]]}.safetensors"
         try:
             # A kohya file gets the `_kohya` name it would have beside a diffusers one.
-            files = export(run_dir, output_files(name, "both").get(fmt, name), DTYPES[dtype], format=fmt)
+            files = export(run_dir, output_files(name, "both").get(fmt, name), DTYPE_NAMES[dtype], format=fmt)
         except (ValueError, FileNotFoundError) as e:
             raise gr.Error(str(e)) from e
         return [str(f) for f in files.values()], jobs.load_snippet(run_dir, next(iter(files.values())))
@@ -539,7 +546,7 @@ def serve(output_dir: str | Path = "runs", host: str = "127.0.0.1", port: int | 
 
 
 def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
-    """Return the GUI's argument parser (`python app.py` and `opdiff app` share it)."""
+    """Return the GUI's argument parser (`python app.py` and `opdiff-app` share it)."""
     parser = argparse.ArgumentParser(prog=prog, description="Start the opdiff web GUI.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1",

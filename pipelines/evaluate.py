@@ -77,13 +77,18 @@ def load_embedder(options: ClipOptions | None = None) -> ClipEmbedder:
 
 def trust_label(embedder: ClipEmbedder) -> str:
     """Return "" for an embedder with real reference weights, else a one-line warning on what the score is worth."""
-    if not embedder.trustworthy:
-        return f"UNTRUSTWORTHY: random CLIP weights ({embedder.model_name}); this score means nothing"
-    if embedder.model_name == f"local-dir:{BUNDLED_CLIP}":
+    return score_note(embedder.model_name, embedder.trustworthy)
+
+
+def score_note(clip_model: str, trustworthy: bool) -> str:
+    """What a score made with this CLIP is worth: "" for the reference model, else a one-line warning."""
+    if not trustworthy:
+        return f"UNTRUSTWORTHY: random CLIP weights ({clip_model}); this score means nothing"
+    if clip_model == f"local-dir:{BUNDLED_CLIP}":
         return ("note: the bundled demo CLIP ranks runs on the demo model; its scores are not comparable to "
                 "published CMMD")
-    if embedder.model_name != REFERENCE_MODEL:
-        return f"note: CLIP {embedder.model_name} is not the reference {REFERENCE_MODEL}; not comparable to published CMMD"
+    if clip_model != REFERENCE_MODEL:
+        return f"note: CLIP {clip_model} is not the reference {REFERENCE_MODEL}; not comparable to published CMMD"
     return ""
 
 

@@ -20,13 +20,13 @@ from types import ModuleType, SimpleNamespace
 import httpx
 import numpy as np
 import pytest
+import tomllib
 import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipelines.cli import build_parser
 from pipelines.model import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,18 +194,18 @@ def test_compare_shows_base_and_run_on_the_same_seed(client, run):
         client.predict(["../etc"], "", "0", 2, api_name="/compare")
 
 
-def test_evaluate_with_a_random_clip_labels_the_score_untrustworthy(client, run):
-    scores, message = client.predict([run.name], "tiny-random", "", 2, 2, False, api_name="/evaluate")
+def test_evaluate_with_the_demo_clip_labels_the_score(client, run):
+    scores, message = client.predict([run.name], "demo", "", 2, 2, False, api_name="/evaluate")
     (row,) = scores["data"]
     assert row[0] == run.name and row[1] == "lora" and row[2] >= 0 and row[4] == 2
-    assert row[6].startswith("UNTRUSTWORTHY") and "UNTRUSTWORTHY" in message
+    assert row[6].startswith("note: the bundled demo CLIP") and "not comparable to published CMMD" in message
     with pytest.raises(AppError, match="CLIP checkpoint file not found"):
         client.predict([run.name], "reference", "/no/such/clip.safetensors", api_name="/evaluate")
 
 
 def test_exported_files_load_into_a_fresh_pipeline(client, run, bundled_model):
     """Both formats, as downloaded, load with `load_lora_weights` and give the same images, unlike the base."""
-    files, snippet = client.predict(run.name, "both", "float32", api_name="/export")
+    files, snippet = client.predict(run.name, "both", "fp32", api_name="/export")
     diffusers_file, kohya_file = map(Path, files)
     assert kohya_file.name.endswith("_kohya.safetensors")
     trained = load_file(run / "lora.safetensors")
@@ -248,15 +248,15 @@ def test_only_the_output_folder_is_served(server, run):
         assert httpx.get(f"{server.url}gradio_api/file={outside}").status_code == 403, outside
 
 
-def test_defaults_bind_localhost_and_disable_analytics_and_opdiff_app_takes_the_same_flags():
+def test_defaults_bind_localhost_and_disable_analytics_and_opdiff_app_runs_app_py():
     app = load_app()
     args = app.build_parser().parse_args([])
     assert args.host == "127.0.0.1" and args.output_dir == Path("runs")
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
-    forwarded = build_parser().parse_args(["app", "--port", "9", "--output-dir", "x"]).app_args
-    assert forwarded == ["--port", "9", "--output-dir", "x"]
-    assert vars(app.build_parser("opdiff app").parse_args(forwarded)) == {
+    assert vars(app.build_parser("opdiff-app").parse_args(["--port", "9", "--output-dir", "x"])) == {
         "host": "127.0.0.1", "port": 9, "output_dir": Path("x"), "max_upload_mb": 500}
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["opdiff-app"] == "app:main"  # the packages never import the GUI; the entry point does
 
 
 def _open(path: str) -> np.ndarray:

@@ -125,6 +125,13 @@ def test_upload_train_reload_stop_compare_evaluate_export(page, server, bundled_
 
     open_tab(page, "Train")
     assert "upload-" in page.locator("#field-data input").input_value()  # the upload is selected for training
+    page.get_by_text("Method settings").click()  # open the accordion: only the chosen method's settings are in it
+    assert not page.locator("#field-op_width").is_visible()
+    choose(page, "field-method", "op-lora: OP-LoRA")
+    page.locator("#field-op_width").wait_for(state="visible")
+    assert not page.locator("#field-select_every").is_visible()
+    choose(page, "field-method", "lora: LoRA")
+    page.locator("#field-op_width").wait_for(state="hidden")
     page.locator("#field-max_steps input").fill("100000")
     page.locator("#field-lr input").fill("0.01")
     page.click("#start")
@@ -153,15 +160,15 @@ def test_upload_train_reload_stop_compare_evaluate_export(page, server, bundled_
 
     open_tab(page, "Evaluate")
     choose(page, "eval-runs", run)
-    page.get_by_label("tiny random CLIP", exact=False).check()
+    page.get_by_label("bundled demo CLIP", exact=False).check()
     page.locator("#eval-steps input").fill("2")
     page.locator("#eval-limit input").fill("1")
     page.click("#evaluate")
-    page.locator("#scores").filter(has_text="UNTRUSTWORTHY").wait_for()
+    page.locator("#scores").filter(has_text="demo CLIP").wait_for()
     shot(page, tmp_path, "6-evaluate")
 
     open_tab(page, "Export")
-    page.get_by_label("float32").check()
+    page.get_by_label("fp32").check()
     page.click("#export")
     link = page.locator("#export-files a").first
     link.wait_for()

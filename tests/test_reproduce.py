@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.evaluate import DEMO_CLIP, ClipOptions
 from pipelines.hf_data import HFSource, is_hf_source, materialize
-from pipelines.reproduce import load_recipe, reproduce
+from pipelines.reproduce import ReproduceConfig, load_recipe, reproduce
 
 GENRES = ["abstract_painting", "cityscape", "genre_painting", "illustration", "landscape", "nude_painting",
           "portrait", "religious_painting", "sketch_and_study", "still_life", "Unknown Genre"]
@@ -57,7 +58,8 @@ def read_metadata(folder):
 
 
 def test_naruto_recipe_keeps_blip_captions(naruto_parquet, tmp_path):
-    source, train = load_recipe("naruto")
+    source, train, methods = load_recipe("naruto")
+    assert methods == ["lora", "op-lora", "dora", "op-dora"]  # op-lora.txt Table 1
     assert train["rank"] == 4 and train["alpha"] == 4.0 and train["op_width"] == 32 and train["lr"] == 1e-4
     assert train["epochs"] == 2 and train["batch_size"] == 1 and train["resolution"] == 1024
     folder = materialize(HFSource(**{**source.__dict__, "source": str(naruto_parquet.parent)}), tmp_path / "cache")
@@ -67,7 +69,7 @@ def test_naruto_recipe_keeps_blip_captions(naruto_parquet, tmp_path):
 
 
 def test_monet_recipe_filters_by_artist_name_and_captions_by_genre(wikiart_parquet, tmp_path):
-    source, _ = load_recipe("monet")
+    source, _, _ = load_recipe("monet")
     assert source.source == "hf:huggan/wikiart" and source.filter == (("artist", "claude-monet"),)
     folder = materialize(HFSource(**{**source.__dict__, "source": str(wikiart_parquet)}), tmp_path / "cache")
     captions = [r["text"] for r in read_metadata(folder)]
@@ -100,10 +102,12 @@ def test_reproduce_end_to_end_on_the_bundled_model(demo_subset, bundled_model, t
     data = demo_subset(3)
     overrides = {"base": str(bundled_model), "resolution": None, "mixed_precision": "no", "max_steps": 2,
                  "lr": 1e-3, "device": "cpu", "sample_steps": 2}
-    table = reproduce("naruto", ["lora", "op-lora"], tmp_path / "repro", overrides=overrides, data=data,
-                      clip_model="tiny-random", eval_steps=2)
+    cfg = ReproduceConfig("naruto", tmp_path / "repro", methods=("lora", "op-lora"), data=str(data),
+                          set=tuple(f"{k}={json.dumps(v)}" for k, v in overrides.items()), eval_steps=2,
+                          clip=ClipOptions(clip_model=DEMO_CLIP))
+    table = reproduce(cfg)
     text = table.read_text()
-    assert "UNTRUSTWORTHY" in text and "CMMD variant" in text
+    assert "note: the bundled demo CLIP" in text and "CMMD variant" in text
     with open(tmp_path / "repro" / "table.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["lora", "op-lora"]
@@ -111,8 +115,7 @@ def test_reproduce_end_to_end_on_the_bundled_model(demo_subset, bundled_model, t
     assert (tmp_path / "repro" / "samples.png").exists()
     # Resumable: a second call reuses the runs and scores.
     stamp = (tmp_path / "repro" / "lora" / "lora.safetensors").stat().st_mtime_ns
-    reproduce("naruto", ["lora", "op-lora"], tmp_path / "repro", overrides=overrides, data=data,
-              clip_model="tiny-random", eval_steps=2)
+    reproduce(cfg)
     assert (tmp_path / "repro" / "lora" / "lora.safetensors").stat().st_mtime_ns == stamp
 
 
