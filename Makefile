@@ -20,8 +20,9 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/opdiff demo --output-dir runs/demo
 
+# One test process per core; a file's tests stay in one process (they share module fixtures and servers).
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,9 @@ import torch
 
 # Set before the test modules import any Hugging Face library: nothing in the tests may reach the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores: one intra-op thread each (the tiny model gains nothing from more).
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = REPO / "assets" / "tiny-sdxl"
@@ -30,6 +33,53 @@ def bundled_data() -> Path:
     """The bundled demo images with same-name captions."""
     assert any(BUNDLED_DATA.glob("*.png")), f"bundled demo data missing at {BUNDLED_DATA}"
     return BUNDLED_DATA
+
+
+@pytest.fixture(scope="session")
+def _shared_bundled_pipeline():
+    """The bundled pipeline, loaded once per test process, with a fingerprint of its frozen weights."""
+    from pipelines.model import fingerprint, load_pipeline
+
+    pipe = load_pipeline(BUNDLED_MODEL, device="cpu")
+    return pipe, fingerprint(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+
+
+def _as_loaded(pipe) -> None:
+    """Put the shared pipeline back as `load_pipeline` returns it: no adapter, no checkpointing, eval mode."""
+    import opdiff
+
+    unet = pipe.unet
+    if getattr(unet, "opdiff_config", None) is not None:
+        opdiff.remove(unet)
+    unet.disable_gradient_checkpointing()
+    unet.to("cpu").eval().requires_grad_(True)
+
+
+@pytest.fixture
+def shared_pipeline(_shared_bundled_pipeline, monkeypatch):
+    """Training loads the bundled model once per session instead of once per run.
+
+    `pipelines.train` gets the shared pipeline, put back to the base before every run, whenever it asks for the
+    bundled model in float32 with its own VAE (anything else loads as usual). After the test, the frozen weights are
+    checked against their fingerprint: a test that changed the base fails here.
+    """
+    import pipelines.train
+    from pipelines.model import fingerprint
+
+    pipe, weights = _shared_bundled_pipeline
+    real = pipelines.train.load_pipeline
+
+    def load(base, dtype=torch.float32, device=None, vae=None):
+        if Path(base).resolve() != BUNDLED_MODEL.resolve() or dtype != torch.float32 or vae is not None:
+            return real(base, dtype, device=device, vae=vae)
+        _as_loaded(pipe)
+        return pipe
+
+    monkeypatch.setattr(pipelines.train, "load_pipeline", load)
+    yield pipe
+    _as_loaded(pipe)
+    assert fingerprint(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2) == weights, \
+        "a test changed the shared pipeline's frozen weights"
 
 
 @pytest.fixture

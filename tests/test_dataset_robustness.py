@@ -26,7 +26,7 @@ from pipelines.data import extract_zip, open_rgb, scan_dataset
 from pipelines.rundir import RunDir
 from pipelines.train import train
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "shared_pipeline")
 
 
 def _png_header_only(path: Path, width: int, height: int) -> Path:

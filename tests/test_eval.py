@@ -34,7 +34,7 @@ from pipelines.model import load_pipeline
 from pipelines.rundir import RunDir
 from pipelines.train import train
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "shared_pipeline")
 
 N_IMAGES = 4
 TINY = ["--clip-model", DEMO_CLIP]

@@ -27,7 +27,7 @@ from pipelines.kohya import kohya_names, sgm_prefixes
 from pipelines.rundir import RunDir
 from pipelines.train import train
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "shared_pipeline")
 
 LORA_FILE, KOHYA_FILE = RunDir.LORA, output_files(RunDir.LORA)["kohya"].name
 SDXL_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "sdxl-base-1.0-unet-config.json"

@@ -33,7 +33,7 @@ from pipelines.rundir import RunDir
 from pipelines.sample import LABEL_HEIGHT, MIN_CELL, SampleConfig, default_grid_path, sample, save_grid
 from pipelines.train import train
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "shared_pipeline")
 
 CASES = [(m, 4, 4.0) for m in opdiff.METHODS] + [("lora", 4, 8.0), ("dora", 2, 8.0)]
 LORA_FILE, KOHYA_FILE = RunDir.LORA, output_files(RunDir.LORA)["kohya"].name

@@ -21,6 +21,9 @@ FIXTURE = REPO / "tests" / "fixtures" / "legacy-mpor-run"
 UNINTERRUPTED = REPO / "tests" / "fixtures" / "legacy-mpor-run-uninterrupted-lora.safetensors"
 
 
+pytestmark = pytest.mark.usefixtures("shared_pipeline")
+
+
 @pytest.fixture
 def legacy_run(tmp_path, monkeypatch) -> RunDir:
     """A copy of the fixture, its base found where this checkout keeps the bundled model.

@@ -95,7 +95,8 @@ def test_the_gui_form_shows_the_setting_only_for_its_method(toy):
     assert "op_width" in app.form_spec("op-lora")["method"]
 
 
-def test_a_short_run_trains_checkpoints_and_exports(toy, tmp_path, bundled_model, demo_subset, single_thread):
+def test_a_short_run_trains_checkpoints_and_exports(toy, tmp_path, bundled_model, demo_subset, single_thread,
+                                                    shared_pipeline):
     from pipelines.config import TrainConfig, resume_config
     from pipelines.rundir import RunDir
     from pipelines.train import train

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import opdiff
-from pipelines.cli import build_parser
+from pipelines.cli import build_parser, main
 from pipelines.config import TrainConfig, config_from_args
 from pipelines.data import View, center_view, load_view, scan_dataset
 from pipelines.encoding import encode_dataset, encode_image
@@ -28,7 +26,7 @@ from pipelines.step import Trainer, adamw, diffusion_loss
 from pipelines.train import train
 from pipelines.training_data import TrainingData, epoch_batches
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "shared_pipeline")
 
 METHODS = list(opdiff.METHODS)
 SELECTING = ("lora-over-mpop", "lora-over-mpor")  # methods that choose matrices while training
@@ -158,15 +156,14 @@ def test_every_setting_has_help_text():
         assert len({s.name for s in settings}) == len(settings), f"{cls.__name__} has a setting twice"
 
 
-def test_cli_train_help_lists_every_flag():
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--help"], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
+def test_cli_train_help_lists_every_flag(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
     for s in TrainConfig.settings():
-        assert s.flag in out.stdout
+        assert s.flag in out
     for method in METHODS:
-        assert method in out.stdout
-    assert "--config FILE" in out.stdout
+        assert method in out
+    assert "--config FILE" in out
 
 
 @pytest.mark.parametrize("command", ["sample", "export", "demo"])

@@ -31,6 +31,9 @@ SETTINGS = {"max_steps": STEPS, "lr": 1e-3, "random_crop": True, "flip": True, "
             "select_top_n": 3, "select_split": 3}
 
 
+pytestmark = pytest.mark.usefixtures("shared_pipeline")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, bundled_data) -> Path:
     """A module-wide folder with 3 demo images (`data/`) and a latent cache shared by every run here."""
