@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 import opdiff
 from opdiff.settings import Settings, option
 from pipelines import kohya
+from pipelines.model import load_pipeline
 from pipelines.rundir import RunDir
 
 FORMATS = ("diffusers", "kohya", "both")
@@ -210,8 +211,6 @@ def _shared_metadata(config: opdiff.AdapterConfig, run_config: dict | None, step
 
 def _unet_from_run(run: RunDir) -> tuple[nn.Module, dict]:
     """Load a run's base U-Net with its trained, uncollapsed adapter; return it and the run config."""
-    from pipelines.model import load_pipeline
-
     for p in (run.config, run.training_state):
         if not p.is_file():
             raise FileNotFoundError(f"{run.path} is not a finished or checkpointed run: {p.name} is missing")

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from opdiff.settings import Settings, option
 from pipelines.config import TrainConfig
-from pipelines.evaluate import ClipOptions, EvalConfig
+from pipelines.evaluate import ClipOptions, EvalConfig, evaluate_run, load_embedder, trust_label
 from pipelines.hf_data import HFSource, is_hf_source, materialize
 from pipelines.rundir import RunDir
+from pipelines.sample import SampleConfig, sample, save_grid
+from pipelines.train import train
 
 try:
     import tomllib
@@ -98,10 +100,6 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     `cfg.set` replaces recipe settings (e.g. a local `base`, fewer `max_steps`); `cfg.data` replaces the recipe's
     source with a local image folder, zip, parquet file or hub id.
     """
-    from pipelines.evaluate import evaluate_run, load_embedder, trust_label
-    from pipelines.sample import SampleConfig, sample, save_grid
-    from pipelines.train import train
-
     source, settings, recipe_methods = load_recipe(cfg.recipe)
     methods = list(cfg.methods) or recipe_methods
     if not methods:
