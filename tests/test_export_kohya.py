@@ -31,7 +31,7 @@ from pipelines.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SDXL_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "sdxl-base-1.0-unet-config.json"
+SDXL_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "sdxl-base-1.0" / "unet" / "config.json"
 
 
 @pytest.fixture(scope="module", autouse=True)
