@@ -14,6 +14,7 @@ import torch
 
 from metrics import ClipWeightsMissing
 from pipelines.config import BUNDLED_DATA, BUNDLED_MODEL, REPO_ROOT, add_arguments, config_from_args
+from pipelines.export import ALL_FORMATS, DEFAULT_SVD_RANK
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                  "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,10 +40,11 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from pipelines.export import export
+    from pipelines.export import describe, export
 
-    files = export(args.run_dir, args.out, EXPORT_DTYPES[args.dtype], format=args.format)
-    print("\n".join(f"LoRA ({fmt}): {path}" for fmt, path in files.items()))
+    logging.getLogger("pipelines.export").setLevel(logging.WARNING)  # what it would log is printed below
+    files = export(args.run_dir, args.out, EXPORT_DTYPES[args.dtype], format=args.format, svd_rank=args.svd_rank)
+    print("\n".join(describe(path) for path in files.values()))
 
 
 def _add_clip_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,21 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="grid PNG path (default: <run folder>/samples.png, or ./samples.png for a base model)")
     sample.set_defaults(run=_cmd_sample)
 
-    export = sub.add_parser("export", help="collapse a run's adapter and write LoRA files (diffusers, kohya)",
+    export = sub.add_parser("export", help="collapse a run's adapter and write a LoRA file per program",
                             formatter_class=fmt,
                             description="Rebuild a run's adapter from adapter_training.safetensors, collapse it, "
-                            "and write it as a plain LoRA: diffusers/PEFT keys (what "
-                            "StableDiffusionXLPipeline.load_lora_weights reads) and/or kohya keys (what ComfyUI, "
-                            "AUTOMATIC1111/Forge and kohya read; diffusers reads them too). The run's settings, "
-                            "steps and CMMD (if `opdiff eval` measured it) go into the file header.")
+                            "and write LoRA files, each named for the programs that load it and saying so in its "
+                            "header: lora.safetensors for diffusers (pipe.load_lora_weights); for LoRA methods "
+                            "lora_kohya.safetensors for ComfyUI, AUTOMATIC1111/Forge, sd-scripts and diffusers; for "
+                            "DoRA methods lora_lycoris (LyCORIS, sd-scripts with LyCORIS), lora_comfyui (ComfyUI "
+                            "and Forge) and lora_a1111 (AUTOMATIC1111 and loaders without DoRA: a plain LoRA "
+                            "approximating the DoRA, its error printed and stored). The run's settings (paths "
+                            "reduced to names), steps and CMMD (if `opdiff eval` measured it) go into the headers.")
     export.add_argument("run_dir", type=Path, help="a run folder written by `opdiff train`")
-    export.add_argument("--format", choices=["diffusers", "kohya", "both"], default="both",
-                        help="key layout; `both` writes the kohya file beside the diffusers one, named "
-                        "<name>_kohya.safetensors")
+    export.add_argument("--format", choices=list(ALL_FORMATS), default="both",
+                        help="which files: `both` every file the method needs, `kohya` its kohya-keyed ones, or "
+                        "one by name (lycoris, comfyui, a1111: DoRA methods only); several files are named "
+                        "<name>_<format>.safetensors beside the diffusers one")
     export.add_argument("--out", type=Path, default=None,
                         help="output file (default: <run folder>/lora.safetensors, lora-fp16/-bf16.safetensors in "
                         "half precision)")
     export.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="fp32", help="tensor dtype in the file")
+    export.add_argument("--svd-rank", type=int, default=None, metavar="R",
+                        help="rank of the a1111 file of a DoRA run, which approximates the DoRA update by truncated "
+                        f"SVD: higher is closer and larger (default: {DEFAULT_SVD_RANK}, at least twice the "
+                        "adapter's rank)")
     export.set_defaults(run=_cmd_export)
 
     cmmd = sub.add_parser("cmmd", help="CMMD between two image folders",

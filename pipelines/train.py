@@ -488,6 +488,7 @@ def train(
     per_epoch = steps_per_epoch(data.buckets, global_batch)
     total = cfg.max_steps or cfg.epochs * per_epoch
     _warn_if_selection_cannot_finish(cfg, total, ranks)
+    run_config["schedule"] = {"steps_per_epoch": per_epoch, "total_steps": total}  # the export's epoch counts
     if ranks.main:
         (run_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2), encoding="utf-8")
 
