@@ -188,7 +188,7 @@ def evaluate_run(
     (run_dir / CMMD_FILE).unlink(missing_ok=True)  # the images it described are about to be replaced
     guidance_scale = settings["guidance_scale"] if guidance_scale is None else guidance_scale
 
-    pipe = load_pipeline(run["base"], device=device)
+    pipe = load_pipeline(run["base"], device=device, vae=settings.get("vae"))  # the VAE the run trained with
     pipe.load_lora_weights(str(lora_path))
     generate = {"size": settings["resolution"], "seed": seed, "steps": steps, "guidance_scale": guidance_scale}
     adapted = generate_for_captions(pipe, captions, run_dir / EVAL_DIR / IMAGES_DIR, desc="eval: adapted", **generate)

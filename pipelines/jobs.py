@@ -405,7 +405,7 @@ def compare_runs(
 ) -> Comparison:
     """Render base and each run's LoRA on the same prompts, seeds and initial noise; return the images.
 
-    All runs must share one base model; with no runs, `base` alone is rendered. Prompts and steps default to the
+    All runs must share one base model and VAE (used as they trained with it); with no runs, `base` alone is rendered. Prompts and steps default to the
     first run's sample settings. The grid is written to `out_dir/compare-<time>.png`.
     """
     configs = [json.loads((Path(r) / CONFIG_FILE).read_text(encoding="utf-8")) for r in run_dirs]
@@ -418,8 +418,11 @@ def compare_runs(
     first = configs[0]["train"] if configs else {}
     prompts, steps = list(prompts) or first.get("sample_prompts", []), steps or first.get("sample_steps")
     grid_path = Path(out_dir) / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.png"
+    vaes = {c["train"].get("vae") for c in configs}  # the runs' VAE, as they trained and sampled with it
+    if len(vaes) > 1:
+        raise ValueError(f"runs to compare must share one VAE; these use {', '.join(sorted(map(str, vaes)))}")
     grid_path = sample(bases.pop(), prompts or None, list(seeds), grid_path,
-                       loras=[Path(r) / LORA_FILE for r in run_dirs], steps=steps)
+                       loras=[Path(r) / LORA_FILE for r in run_dirs], steps=steps, vae=vaes.pop() if vaes else None)
     titles = ["base"] + [Path(r).name for r in run_dirs]
     labels = [f"seed {seed}: {prompt}" for prompt in (prompts or DEFAULT_PROMPTS) for seed in seeds]
     return Comparison(grid_path, titles, _cut_grid(grid_path, len(titles), labels))

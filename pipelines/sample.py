@@ -32,15 +32,18 @@ def sample(
     steps: int | None = None,
     guidance_scale: float | None = None,
     device: str | None = None,
+    vae: str | Path | None = None,
 ) -> Path:
     """Render a grid (rows = prompt x seed, columns = base | each adapter) and return the PNG's path.
 
-    `source` is a run folder (its base, its `lora.safetensors`, and its sample prompts, seeds, steps and
+    `source` is a run folder (its base, VAE, `lora.safetensors`, and its sample prompts, seeds, steps and
     resolution as defaults) or a base model (diffusers folder, single file, hub id) compared against `loras`.
+    `vae` replaces the base's VAE (default: the run's, if it trained with one).
     """
     run = _run_config(Path(source))
     settings = run["train"] if run else {}
     base = run["base"] if run else str(source)
+    vae = vae if vae is not None else settings.get("vae")  # the images the run's samples showed while training
     loras = [Path(p) for p in loras] or ([Path(source) / LORA_FILE] if run else [])
     prompts = list(prompts or settings.get("sample_prompts") or DEFAULT_PROMPTS)
     seeds = list(seeds if seeds is not None else settings.get("sample_seeds", (0,)))
@@ -49,7 +52,7 @@ def sample(
     if out_file is None:
         out_file = Path(source) / GRID_FILE if run else Path(GRID_FILE)
 
-    pipe = load_pipeline(base, device=device)
+    pipe = load_pipeline(base, device=device, vae=vae)
     size = settings.get("resolution") or native_resolution(pipe)
     names = [f"adapter{i}" for i in range(len(loras))]
     for path, name in zip(loras, names, strict=True):
