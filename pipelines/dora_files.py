@@ -17,6 +17,7 @@ A collapsed DoRA layer is W = m * W' / ||W'||_row with W' = W0 + s B A, s = alph
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,26 +51,24 @@ class DoraLayer:
         return adapted * (self.magnitude / adapted.norm(dim=1))[:, None]
 
 
-@torch.no_grad()
-def dora_layers(unet: nn.Module) -> list[DoraLayer]:
-    """Return the collapsed DoRA layers of `unet` in module order.
+def dora_layers(unet: nn.Module) -> Iterator[DoraLayer]:
+    """Yield the collapsed DoRA layers of `unet` in module order, one at a time (on the full SDXL U-Net, float32
+    copies of every base weight at once would be gigabytes).
 
     Raises ValueError when the adapter is not DoRA (its layers have no magnitude).
     """
     config: opdiff.AdapterConfig = unet.opdiff_config
-    layers = []
     for a in opdiff.adapted_layers(unet):
         if a.magnitude is None:
             raise ValueError(f"{a.name} has no DoRA magnitude: method {config.method!r} is not a DoRA method")
-        layers.append(DoraLayer(
+        yield DoraLayer(
             name=a.name,
             base=a.layer.base_layer.weight.detach().float(),
             down=a.lora_A.weight.detach().float(),
             up=a.lora_B.weight.detach().float(),
             scale=float(a.layer.scaling[opdiff.ADAPTER_NAME]),
             magnitude=a.magnitude.weight.detach().float(),
-        ))
-    return layers
+        )
 
 
 @torch.no_grad()

@@ -157,12 +157,9 @@ def kinds_for(format: str, method: str) -> tuple[str, ...]:
         return own
     if format == "kohya":
         return tuple(k for k in own if k != "diffusers")
-    if format not in own:
-        if format in DORA_FORMATS:
-            raise ValueError(f"--format {format} is for DoRA methods (dora, op-dora); this run trained {method}, whose "
-                             "kohya file is exact in every loader: use --format kohya")
-        raise ValueError(f"a {method} run has no single kohya file that every loader reads right: choose "
-                         f"--format {', '.join(DORA_FORMATS)} or kohya for all three (see README, Export formats)")
+    if format not in own:  # a DoRA file for a LoRA method
+        raise ValueError(f"--format {format} is for DoRA methods (dora, op-dora); this run trained {method}, whose "
+                         "kohya file is exact in every loader: use --format kohya")
     return (format,)
 
 
@@ -291,12 +288,12 @@ def _contents(kind: str, unet: nn.Module, dtype: torch.dtype, run_config: dict |
         names = _kohya_names(unet)
         for layer in dora_files.dora_layers(unet):
             tensors[f"{names[layer.name]}.dora_scale"] = dora_files.comfyui_scale(layer).to("cpu", dtype).contiguous()
-        base = model_identity(run_config["base"]) if run_config is not None else None
-        label["opdiff_dora_scale"] = (
-            "compensated for ComfyUI's output-axis DoRA, (W0 + alpha/r up down) * dora_scale / ||W0||_row: "
-            "dora_scale = m * ||W0||_row / ||W0 + alpha/r up down||_row" + (
-                f"; W0 is the base model {base['name']}" + (f" (sha256 {base['sha256']})" if "sha256" in base else "")
-                if base is not None else ""))
+        note = ("compensated for ComfyUI's output-axis DoRA, (W0 + alpha/r up down) * dora_scale / ||W0||_row: "
+                "dora_scale = m * ||W0||_row / ||W0 + alpha/r up down||_row")
+        if run_config is not None:  # W0 is the training base's: say which one
+            base = model_identity(run_config["base"])
+            note += f"; W0 is the base model {base['name']}" + (f" (sha256 {base['sha256']})" if "sha256" in base else "")
+        label["opdiff_dora_scale"] = note
         what += ", magnitude for ComfyUI/Forge"
     elif kind == "a1111":
         tensors, errors = _svd_tensors(unet, rank_svd, dtype)

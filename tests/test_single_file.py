@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import save_file
-from sgm_checkpoint import sgm_shapes, sgm_state_dict
+from sgm_checkpoint import sgm_shapes, sgm_state_dict, vae_to_ldm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from pipelines.config import TrainConfig
@@ -65,6 +65,15 @@ def test_single_file_checkpoint_loads_offline_with_the_bundled_weights(checkpoin
             assert torch.equal(ours[key], value), f"{part}.{key}"
     assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == "<|endoftext|>"
     assert dict(pipe.scheduler.config) == dict(bundled_pipe.scheduler.config)
+
+
+def test_a_single_file_vae_beside_a_single_file_base_takes_the_base_architectures_config(checkpoint, bundled_pipe,
+                                                                                           tmp_path):
+    vae_file = tmp_path / "vae.safetensors"  # a VAE shared alone: LDM names without the first_stage_model. prefix
+    save_file({k: v.contiguous() for k, v in vae_to_ldm(bundled_pipe.vae).items()}, vae_file)
+    pipe = load_pipeline(checkpoint, device="cpu", vae=vae_file)
+    theirs = bundled_pipe.vae.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in pipe.vae.state_dict().items())
 
 
 def test_training_from_a_single_file_names_it_by_file_name_and_hash(checkpoint, bundled_data, tmp_path):
