@@ -38,23 +38,21 @@ def load_pipeline(
     `base` is tried as: a diffusers folder (has `model_index.json`), a single `.safetensors` checkpoint in SDXL's
     original layout (`pipelines.single_file`: offline, with the shipped SDXL configs), a hub id (`from_pretrained`,
     which respects HF_HUB_OFFLINE). `vae` replaces the base's VAE (see `load_vae`). `device` defaults to cpu, or
-    cuda when available. Raises ValueError naming the file and why for an unsupported single file, and naming
-    every attempt and its error when none loads.
+    cuda when available. Raises ValueError naming every attempt and its error when none loads (for an
+    unsupported single file: what it is instead).
     """
     base_str = str(base)
     path = Path(base_str).expanduser()
-    # A single file is checked first: an unsupported one is refused with its reason before anything loads.
-    configs = path if path.is_dir() else single_file.architecture(path)[1] if path.is_file() else None
-    kwargs = {} if vae is None else {"vae": load_vae(vae, config_from=configs)}
     # Per-component dtypes where diffusers supports them: a 16-bit base never holds a float32 copy in memory.
     dtypes = {"default": dtype, "vae": torch.float32}
     if path.is_dir():
+        kwargs = {} if vae is None else {"vae": load_vae(vae, config_from=path)}
         attempts = [("diffusers folder",
                      lambda: StableDiffusionXLPipeline.from_pretrained(path, dtype=dtypes, **kwargs))]
     elif path.is_file():
-        # from_single_file takes one dtype: load float32 and cast, so the VAE keeps its full precision.
-        attempts = [("single-file checkpoint", lambda: single_file.load(path, torch.float32, **kwargs))]
+        attempts = [("single-file checkpoint", lambda: _from_single_file(path, vae))]
     else:
+        kwargs = {} if vae is None else {"vae": load_vae(vae)}
         attempts = [("hub id", lambda: StableDiffusionXLPipeline.from_pretrained(base_str, dtype=dtypes, **kwargs))]
     pipe = _first_that_loads(base_str, attempts, path.exists())
     for module, wanted in ((pipe.unet, dtype), (pipe.text_encoder, dtype), (pipe.text_encoder_2, dtype),
@@ -63,6 +61,14 @@ def load_pipeline(
             module.to(wanted)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())
+
+
+def _from_single_file(path: Path, vae: str | Path | None) -> StableDiffusionXLPipeline:
+    """A single-file base, its architecture checked before anything loads; a single-file `vae` takes that
+    architecture's VAE config. float32: from_single_file takes one dtype, and the VAE keeps its full precision."""
+    _, configs = single_file.architecture(path)
+    kwargs = {} if vae is None else {"vae": load_vae(vae, config_from=configs)}
+    return single_file.load(path, torch.float32, **kwargs)
 
 
 def load_vae(source: str | Path, config_from: Path | None = None) -> AutoencoderKL:
