@@ -405,8 +405,9 @@ def compare_runs(
 ) -> Comparison:
     """Render base and each run's LoRA on the same prompts, seeds and initial noise; return the images.
 
-    All runs must share one base model and VAE (used as they trained with it); with no runs, `base` alone is rendered. Prompts and steps default to the
-    first run's sample settings. The grid is written to `out_dir/compare-<time>.png`.
+    All runs must share one base model and VAE (the VAE they trained with); with no runs, `base` alone is rendered.
+    Prompts and steps default to the first run's sample settings. The grid is written to
+    `out_dir/compare-<time>.png`.
     """
     configs = [json.loads((Path(r) / CONFIG_FILE).read_text(encoding="utf-8")) for r in run_dirs]
     bases = {c["base"] for c in configs} | ({base} if base else set())
