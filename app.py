@@ -38,7 +38,7 @@ from pipelines.evaluate import (  # noqa: E402
     score_note,
     trust_label,
 )
-from pipelines.export import DTYPE_NAMES, DTYPE_SUFFIXES, DTYPES, FORMATS, ExportConfig, export, output_files  # noqa: E402
+from pipelines.export import DTYPE_NAMES, DTYPE_SUFFIXES, DTYPES, FORMATS, ExportConfig, export, purpose  # noqa: E402
 
 EXPORT_DEFAULTS = ExportConfig(Path("."))
 """The export settings' defaults (the command line's too)."""
@@ -333,18 +333,21 @@ class App:
     # -- Export tab
 
     def export_lora(self, run: str | None, fmt: str = "diffusers", dtype: str = EXPORT_DEFAULTS.dtype) -> tuple:
-        """Collapse the run's adapter into LoRA file(s) in the chosen format; return them and a loading snippet."""
+        """Collapse the run's adapter into LoRA file(s) in the chosen format; return them and a note naming the
+        programs each file is for, with a diffusers loading snippet."""
         run_dir = self._run(run)
         if dtype not in DTYPE_NAMES:
             raise gr.Error(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        # Named after the run, so downloads from several runs do not overwrite each other.
+        # Named after the run, so downloads from several runs do not overwrite each other; every kind but the
+        # diffusers one gets its suffix (`_kohya`, `_lycoris`, `_comfyui`, `_a1111`).
         name = run_dir / f"{run_dir.name}{DTYPE_SUFFIXES[DTYPE_NAMES[dtype]]}.safetensors"
         try:
-            # A kohya file gets the `_kohya` name it would have beside a diffusers one.
-            files = export(run_dir, output_files(name, "both").get(fmt, name), DTYPE_NAMES[dtype], format=fmt)
+            files = export(run_dir, name, DTYPE_NAMES[dtype], format=fmt, suffixed=True)
         except (ValueError, FileNotFoundError) as e:
             raise gr.Error(str(e)) from e
-        return [str(f) for f in files.values()], jobs.load_snippet(run_dir, next(iter(files.values())))
+        notes = "".join(f"# {path.name}: {purpose(path)}\n" for path in files.values())
+        snippet = jobs.load_snippet(run_dir, files["diffusers"]) if "diffusers" in files else ""
+        return [str(f) for f in files.values()], notes + ("\n" + snippet if snippet else "")
 
 
 def _thumbnail(path: Path) -> Image.Image:
@@ -485,15 +488,20 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                 scores = gr.Dataframe(label="Scores", interactive=False, elem_id="scores")
 
             with gr.Tab("Export", id="export") as export_tab:
-                gr.Markdown("The adapter collapsed into a plain LoRA: `diffusers` loads with "
-                            "`pipe.load_lora_weights`; `kohya` is what ComfyUI, AUTOMATIC1111/Forge and kohya read.")
+                gr.Markdown("The adapter collapsed into LoRA files, each for the programs named in the note below "
+                            "and in its header. `diffusers`: for `pipe.load_lora_weights`. `kohya`: a LoRA method "
+                            "gets one file for ComfyUI (`models/loras`), AUTOMATIC1111/Forge (`models/Lora`) and "
+                            "sd-scripts; a DoRA method gets three, since these programs compute DoRA differently: "
+                            "`_lycoris` (LyCORIS, sd-scripts with LyCORIS), `_comfyui` (ComfyUI and Forge as they "
+                            "are now) and `_a1111` (AUTOMATIC1111 and programs without DoRA: a plain LoRA close to "
+                            "the DoRA, its error in the note). `both`: all of them.")
                 with gr.Row():
                     export_run = gr.Dropdown(label="Run", allow_custom_value=True, scale=3, elem_id="export-run")
                     fmt = gr.Radio(list(FORMATS), value="diffusers", label="Format")
                     dtype = gr.Radio(list(DTYPES), value=EXPORT_DEFAULTS.dtype, label="dtype")
                 export_button = gr.Button("Export", variant="primary", elem_id="export")
                 export_files = gr.File(label="LoRA file(s)", file_count="multiple", elem_id="export-files")
-                snippet = gr.Code(language="python", label="Load it in diffusers")
+                snippet = gr.Code(language="python", label="Which file is for which program; loading in diffusers")
 
         dataset_outputs = [gallery, captions, rejected, dataset_message]
         upload.upload(app.upload_dataset, upload, [form["data"], view_dataset, *dataset_outputs],

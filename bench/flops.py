@@ -50,7 +50,7 @@ def unet_inputs(batch: int, resolution: int) -> dict:
 
 def meta_unet() -> UNet2DConditionModel:
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(json.loads((ASSETS / "sdxl-base-1.0-unet-config.json").read_text()))
+        return UNet2DConditionModel.from_config(json.loads((ASSETS / "sdxl-base-1.0" / "unet" / "config.json").read_text()))
 
 
 def train_step_flops(method: str | None, resolution: int) -> int:

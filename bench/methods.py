@@ -37,7 +37,7 @@ import opdiff
 from pipelines.step import adamw
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-SDXL_CONFIG = ASSETS / "sdxl-base-1.0-unet-config.json"
+SDXL_CONFIG = ASSETS / "sdxl-base-1.0" / "unet" / "config.json"
 TINY_UNET = ASSETS / "tiny-sdxl" / "unet"
 
 

@@ -5,7 +5,7 @@
    step), and cached with gradient checkpointing, as seconds per step, the ratios, and peak memory above the
    model's. Also the time to fill the cache for the dataset from scratch, and from a warm `--cache-dir` (no VAE,
    no text encoder).
-2. The full-size SDXL U-Net (assets/sdxl-base-1.0-unet-config.json, 2.6B parameters) with random weights at a
+2. The full-size SDXL U-Net (assets/sdxl-base-1.0/unet/config.json, 2.6B parameters) with random weights at a
    reduced resolution (default 256 px: 32 x 32 latents), batch 1, a LoRA on the attention projections: seconds
    per step and peak memory on this machine's device, without and with gradient checkpointing. Weights are
    built on the meta device and filled in place, so the model exists once in memory (bf16: 5 GB; fp32: 10 GB).
@@ -46,7 +46,7 @@ from pipelines.model import load_pipeline  # noqa: E402
 from pipelines.step import Trainer  # noqa: E402
 from pipelines.training_data import TrainingData  # noqa: E402
 
-SDXL_CONFIG = BUNDLED_MODEL.parent / "sdxl-base-1.0-unet-config.json"
+SDXL_CONFIG = BUNDLED_MODEL.parent / "sdxl-base-1.0" / "unet" / "config.json"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 

@@ -47,10 +47,11 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from pipelines.export import ExportConfig, export_run
+    from pipelines.export import ExportConfig, describe, export_run
 
+    logging.getLogger("pipelines.export").setLevel(logging.WARNING)  # what it would log is printed below
     files = export_run(_from_args(ExportConfig, args))
-    print("\n".join(f"LoRA ({fmt}): {path}" for fmt, path in files.items()))
+    print("\n".join(describe(path) for path in files.values()))
 
 
 def _cmd_cmmd(args: argparse.Namespace) -> None:
@@ -143,11 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands: list[tuple[str, type[Settings], object, str, str]] = [
         ("sample", SampleConfig, _cmd_sample, "render base vs adapted images on the same noise",
          "Render a grid: rows = prompt x seed, columns = base | each LoRA."),
-        ("export", ExportConfig, _cmd_export, "collapse a run's adapter and write LoRA files (diffusers, kohya)",
-         "Rebuild a run's adapter from adapter_training.safetensors, collapse it, and write it as a plain LoRA: "
-         "diffusers/PEFT keys (what StableDiffusionXLPipeline.load_lora_weights reads) and/or kohya keys (what "
-         "ComfyUI, AUTOMATIC1111/Forge and kohya read; diffusers reads them too). The run's settings, steps and "
-         "CMMD (if `opdiff eval` measured it) go into the file header."),
+        ("export", ExportConfig, _cmd_export, "collapse a run's adapter and write a LoRA file per program",
+         "Rebuild a run's adapter from adapter_training.safetensors, collapse it, and write LoRA files, each named "
+         "for the programs that load it and saying so in its header: lora.safetensors for diffusers "
+         "(pipe.load_lora_weights); for LoRA methods lora_kohya.safetensors for ComfyUI, AUTOMATIC1111/Forge, "
+         "sd-scripts and diffusers; for DoRA methods lora_lycoris (LyCORIS, sd-scripts with LyCORIS), lora_comfyui "
+         "(ComfyUI and Forge) and lora_a1111 (AUTOMATIC1111 and loaders without DoRA: a plain LoRA approximating "
+         "the DoRA, its error printed and stored). The run's settings (paths reduced to names), steps and CMMD (if "
+         "`opdiff eval` measured it) go into the headers."),
         ("cmmd", CmmdConfig, _cmd_cmmd, "CMMD between two image folders",
          "CMMD (CLIP maximum mean discrepancy, x1000; lower is closer) between the images directly in two "
          "folders, with CLIP ViT-L/14 at 336 px."),

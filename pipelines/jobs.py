@@ -373,8 +373,9 @@ def compare_runs(
 ) -> tuple[Comparison, Path]:
     """Render base and each run's LoRA on the same prompts, seeds and initial noise; return them and the grid.
 
-    All runs must share one base model; with no runs, `base` alone is rendered. Prompts and steps default to the
-    first run's sample settings. The grid is written to `out_dir/compare-<time>.png`.
+    All runs must share one base model and VAE (the VAE they trained with); with no runs, `base` alone is rendered.
+    Prompts and steps default to the first run's sample settings. The grid is written to
+    `out_dir/compare-<time>.png`.
     """
     runs = [RunDir(r) for r in run_dirs]
     configs = [run.read_config() for run in runs]
@@ -384,10 +385,13 @@ def compare_runs(
     missing = [run.name for run in runs if not run.lora.is_file()]
     if missing:
         raise ValueError(f"run(s) {', '.join(missing)} have no {RunDir.LORA} yet (still training or failed)")
+    vaes = {c["train"].get("vae") for c in configs}  # the runs' VAE, as they trained and sampled with it
+    if len(vaes) > 1:
+        raise ValueError(f"runs to compare must share one VAE; these use {', '.join(sorted(map(str, vaes)))}")
     first = configs[0]["train"] if configs else {}
     comparison = sample(SampleConfig(
         bases.pop(), lora=tuple(run.lora for run in runs), prompt=tuple(prompts or first.get("sample_prompts", ())),
-        seed=tuple(seeds), steps=steps or first.get("sample_steps")))
+        seed=tuple(seeds), steps=steps or first.get("sample_steps"), vae=vaes.pop() if vaes else None))
     comparison.titles = ["base"] + [run.name for run in runs]
     grid = save_grid(comparison, Path(out_dir) / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.png")
     return comparison, grid

@@ -20,19 +20,25 @@ DoRA: PEFT scales each output row, W = m * (W0 + s B A) / ||W0 + s B A||_row wit
 DoRA that sd-scripts trains through `--network_module lycoris.kohya`) stores that magnitude as `dora_scale` of shape
 (d_out, 1), its `wd_on_output` layout, and ComfyUI tells the layouts apart by `dora_scale.shape[0] == d_out`. The
 older layout (1, d_in) normalizes input columns instead, a different decomposition that cannot hold PEFT's
-magnitude. Loaders differ here: AUTOMATIC1111 applies only the (1, d_in) layout, ComfyUI divides the output-axis
-layout by ||W0||_row rather than ||W0 + s B A||_row, and diffusers skips `dora_scale`; the diffusers-format file is
-the exact one for DoRA methods.
+magnitude. Loaders differ here, so a DoRA run ships one kohya-keyed file per loader family (`pipelines.dora_files`).
+
+The header follows sd-scripts (`train_network.py`, `networks/lora.py` `save_weights`): its `ss_*` training keys,
+then `sshs_model_hash` / `sshs_legacy_hash` computed from the tensors and those keys (`sshs_hashes`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+
+from pipelines.provenance import model_identity
 
 PREFIX = "lora_unet_"
 # sd-scripts' name for the SDXL base architecture (library/sdxl_model_util.py) and the ModelSpec one (sai_model_spec.py).
@@ -141,9 +147,14 @@ def kohya_metadata(rank: int, alpha: float, use_dora: bool, comment: str, run_co
     """Return the sd-scripts (`ss_*`) and ModelSpec (`modelspec.*`) header entries that LoRA tools display.
 
     `ss_v2`, `ss_base_model_version`, `ss_network_module`, `ss_network_dim`, `ss_network_alpha` and
-    `ss_network_args` are sd-scripts' minimum set; the rest come from the run's config when given. Only values
-    opdiff knows are written, and nothing time-dependent, so equal runs write equal headers. A DoRA adapter is
-    labelled as LyCORIS' LoRA with output-axis weight decomposition, the network whose `dora_scale` has this layout.
+    `ss_network_args` are sd-scripts' minimum set; the rest come from the run's config when given, computed as
+    sd-scripts' `train_network.py` does: `ss_num_epochs` = ceil(total steps / steps per epoch), `ss_epoch` = the
+    epochs the weights have seen (the planned number once the run finished, the completed ones when it stopped
+    early), `ss_optimizer` = the optimizer class's module path with its arguments. Models are named, never
+    located: a hub id, or a file name with its hashes (`ss_sd_model_hash`, `ss_new_sd_model_hash`). Nothing
+    time-dependent, so equal runs write equal headers. A DoRA adapter is labelled as LyCORIS' LoRA with
+    output-axis weight decomposition, the network whose `dora_scale` has this layout. `sshs_hashes` comes last,
+    once the tensors are final.
     """
     meta = {
         "ss_v2": "False",
@@ -161,24 +172,87 @@ def kohya_metadata(rank: int, alpha: float, use_dora: bool, comment: str, run_co
     if steps is not None:
         meta["ss_steps"] = str(steps)
     if run_config is not None:
-        train, base = run_config["train"], str(run_config["base"])
+        train = run_config["train"]
         resolution = train["resolution"]
         output_name = Path(train["output_dir"]).name
         meta.update(
-            ss_sd_model_name=Path(base).name if Path(base).exists() else base,  # a file/folder name or a hub id
             ss_output_name=output_name,
             ss_resolution=str((resolution, resolution)),
             ss_num_train_images=str(run_config["dataset"]["images"]),
-            ss_num_epochs=str(train["epochs"]),
             ss_batch_size_per_device=str(train["batch_size"]),
             ss_learning_rate=str(train["lr"]),
             ss_unet_lr=str(train["lr"]),
             ss_lr_scheduler="constant",
-            ss_optimizer=f"torch.optim.AdamW(weight_decay={train['weight_decay']})",
+            ss_optimizer=f"{OPTIMIZER.__module__}.{OPTIMIZER.__name__}(weight_decay={train['weight_decay']})",
             ss_mixed_precision=str(train["mixed_precision"]),
+            ss_gradient_checkpointing=str(bool(train["gradient_checkpointing"])),
             ss_seed=str(train["seed"]),
-            ss_cache_latents="True",
+            ss_cache_latents=str(bool(train["cache_latents"])),
+            **_model_entries("sd_model", run_config["base"]),
+            **_model_entries("vae", train.get("vae")),
+            **_epochs(run_config.get("schedule"), steps),
         )
         meta["modelspec.title"] = output_name
         meta["modelspec.resolution"] = f"{resolution}x{resolution}"
     return meta
+
+
+# The optimizer `pipelines.train.adamw` builds; sd-scripts names it by module path (library/train_util.py get_optimizer).
+OPTIMIZER = torch.optim.AdamW
+
+
+def _model_entries(kind: str, source: str | None) -> dict[str, str]:
+    """sd-scripts' `ss_<kind>_name`, and for a local file `ss_<kind>_hash` (the legacy 8-digit model hash) and
+    `ss_new_<kind>_hash` (SHA-256); `kind` is `sd_model` or `vae`. A folder or hub id is named only."""
+    identity = model_identity(source)
+    if identity is None:
+        return {}
+    entries = {f"ss_{kind}_name": identity["name"]}
+    if "sha256" in identity:
+        entries[f"ss_{kind}_hash"] = legacy_model_hash(Path(source).expanduser())
+        entries[f"ss_new_{kind}_hash"] = identity["sha256"]
+    return entries
+
+
+def legacy_model_hash(path: Path) -> str:
+    """AUTOMATIC1111's old checkpoint hash, as sd-scripts' `train_util.model_hash` computes it: the first 8 hex
+    digits of the SHA-256 of the 64 KiB at offset 1 MiB."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def _epochs(schedule: dict | None, steps: int | None) -> dict[str, str]:
+    """`ss_num_batches_per_epoch`, `ss_max_train_steps`, `ss_num_epochs` and `ss_epoch` from the run's schedule.
+
+    As sd-scripts' `train_network.py`: num_epochs = ceil(max_train_steps / batches per epoch); the final save
+    records epoch = num_epochs, a save within the run the epochs completed. Runs written before the schedule was
+    recorded get none of them (what their epochs were cannot be known without their data).
+    """
+    if schedule is None:
+        return {}
+    per_epoch, total = schedule["steps_per_epoch"], schedule["total_steps"]
+    num_epochs = math.ceil(total / per_epoch)
+    done = total if steps is None else steps
+    return {
+        "ss_num_batches_per_epoch": str(per_epoch),
+        "ss_max_train_steps": str(total),
+        "ss_num_epochs": str(num_epochs),
+        "ss_epoch": str(num_epochs if done >= total else done // per_epoch),
+    }
+
+
+def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """Return sd-scripts' `sshs_model_hash` and `sshs_legacy_hash` for a file of `tensors` with this header.
+
+    As `library/train_util.py` `precalculate_safetensors_hashes`: serialize the tensors with only the `ss_*`
+    entries of the header; the model hash is the SHA-256 of everything after the header (the tensor data, so it
+    equals the hash AUTOMATIC1111 computes of the written file, `addnet_hash_safetensors`), the legacy hash the
+    first 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB (`addnet_hash_legacy`).
+    """
+    data = safetensors.torch.save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(data[:8], "little")
+    return {
+        "sshs_model_hash": hashlib.sha256(data[8 + header :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8],
+    }

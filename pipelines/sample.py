@@ -34,12 +34,18 @@ class SampleConfig(Settings):
                                     "lora.safetensors.", group="basic", label="LoRA files")
     prompt: tuple[str, ...] = option((), "Prompts; empty: the run's sample prompts.", group="basic")
     seed: tuple[int, ...] = option((), "Seeds; empty: the run's sample seeds.", group="basic")
-    steps: int | None = option(None, "Denoising steps per image.", group="basic", minimum=1, none_means="the run's sample_steps")
-    guidance_scale: float | None = option(None, "Classifier-free guidance scale: how strongly images follow the prompt.", group="basic", minimum=0,
-                                          none_means="the run's guidance_scale", label="guidance scale")
+    steps: int | None = option(None, "Denoising steps per image.", group="basic", minimum=1,
+                               none_means="the run's sample_steps")
+    guidance_scale: float | None = option(None, "Classifier-free guidance scale: how strongly images follow the "
+                                          "prompt.", group="basic", minimum=0, none_means="the run's guidance_scale",
+                                          label="guidance scale")
     out: Path | None = option(None, "Where to save the grid PNG.", group="basic",
                               none_means="<run folder>/samples.png, or ./samples.png for a base model")
-    device: str | None = option(None, "Torch device to run on, e.g. cuda:1.", none_means="cuda when available, else cpu")
+    vae: str | None = option(None, "A VAE to decode with instead of the base model's (folder, file or hub id).",
+                             none_means="the run's VAE (the one it trained with), else the base model's",
+                             label="VAE")
+    device: str | None = option(None, "Torch device to run on, e.g. cuda:1.",
+                                none_means="cuda when available, else cpu")
 
 
 @dataclass
@@ -67,7 +73,8 @@ def sample(cfg: SampleConfig) -> Comparison:
     steps = cfg.steps or settings.get("sample_steps", 20)
     guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else settings.get("guidance_scale", 5.0)
 
-    pipe = load_pipeline(config["base"] if config else cfg.source, device=cfg.device, vae=settings.get("vae"))
+    vae = cfg.vae if cfg.vae is not None else settings.get("vae")  # what the run's samples showed while training
+    pipe = load_pipeline(config["base"] if config else cfg.source, device=cfg.device, vae=vae)
     size = settings.get("resolution") or native_resolution(pipe)
     names = [f"adapter{i}" for i in range(len(loras))]
     for path, name in zip(loras, names, strict=True):

@@ -88,6 +88,7 @@ def train(
     method = opdiff.method_of(trainer.unet)
     if (warning := method.schedule_warning(cfg.adapter, total)) and ranks.main:
         log.warning(warning)
+    config["schedule"] = {"steps_per_epoch": per_epoch, "total_steps": total}  # the export's epoch counts
     if ranks.main:
         run.write_config({**config, "method_report": method.report(trainer.unet)})
 

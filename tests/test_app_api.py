@@ -213,6 +213,9 @@ def test_exported_files_load_into_a_fresh_pipeline(client, run, bundled_model):
     assert downloaded.keys() == trained.keys() and all(torch.equal(downloaded[k], trained[k]) for k in trained)
     assert any(k.startswith("lora_unet_") for k in load_file(kohya_file))
     assert f"load_lora_weights('{diffusers_file.name}')" in snippet
+    # The note says which program each file is for, as its header does.
+    assert f"# {diffusers_file.name}: for diffusers: pipe.load_lora_weights(file); exact" in snippet
+    assert f"# {kohya_file.name}: for ComfyUI, AUTOMATIC1111, Forge, sd-scripts" in snippet
 
     pipe = load_pipeline(bundled_model, device="cpu")  # fresh: the base model as it is on disk
     base = _render(pipe)

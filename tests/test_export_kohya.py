@@ -29,8 +29,8 @@ from pipelines.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread", "shared_pipeline")
 
-LORA_FILE, KOHYA_FILE = RunDir.LORA, output_files(RunDir.LORA)["kohya"].name
-SDXL_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "sdxl-base-1.0-unet-config.json"
+LORA_FILE, KOHYA_FILE = RunDir.LORA, output_files(RunDir.LORA, ("diffusers", "kohya"))["kohya"].name
+SDXL_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "sdxl-base-1.0" / "unet" / "config.json"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -224,8 +224,10 @@ def _dtypes(file: Path) -> set[torch.dtype]:
 def test_cli_export_formats_and_file_names(run_copy, tmp_path, capsys):
     trained = {name: _content(run_copy / name) for name in (LORA_FILE, KOHYA_FILE)}
     assert main(["export", str(run_copy)]) == 0  # both formats, float32, the run folder's own names
-    assert capsys.readouterr().out.splitlines() == [f"LoRA (diffusers): {run_copy / LORA_FILE}",
-                                                    f"LoRA (kohya): {run_copy / KOHYA_FILE}"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"LoRA (diffusers): {run_copy / LORA_FILE}", "    for diffusers: pipe.load_lora_weights(file); exact",
+        f"LoRA (kohya): {run_copy / KOHYA_FILE}",
+        "    for ComfyUI, AUTOMATIC1111, Forge, sd-scripts, diffusers (kohya keys); exact"]
     for name, (tensors, meta) in trained.items():  # rebuilt from the run folder: what training wrote
         again, again_meta = _content(run_copy / name)
         assert again_meta == meta and again.keys() == tensors.keys(), name
@@ -248,8 +250,12 @@ def test_cli_export_formats_and_file_names(run_copy, tmp_path, capsys):
 def test_python_export_names_both_files_and_rejects_unknown_formats(run_copy, tmp_path):
     assert export(run_copy, tmp_path / "x.safetensors") == {"diffusers": tmp_path / "x.safetensors",
                                                             "kohya": tmp_path / "x_kohya.safetensors"}
-    with pytest.raises(ValueError, match="unknown export format 'a1111'; choose one of: diffusers, kohya, both"):
+    with pytest.raises(ValueError, match="unknown export format 'gif'; choose one of: diffusers, kohya, both, "
+                                         "lycoris, comfyui, a1111"):
+        export(run_copy, format="gif")
+    with pytest.raises(ValueError, match="--format a1111 is for DoRA methods .* this run trained lora"):
         export(run_copy, format="a1111")
+    assert main(["export", str(run_copy), "--format", "lycoris"]) == 2
 
 
 def test_measured_cmmd_goes_into_both_headers(run_copy):

@@ -26,7 +26,7 @@ from pipelines.cli import main
 from pipelines.config import TrainConfig
 from pipelines.data import scan_dataset
 from pipelines.encoding import encode_dataset
-from pipelines.export import export, output_files
+from pipelines.export import KINDS, export
 from pipelines.kohya import kohya_names
 from pipelines.model import load_pipeline
 from pipelines.rundir import RunDir
@@ -36,8 +36,17 @@ from pipelines.train import train
 pytestmark = pytest.mark.usefixtures("single_thread", "shared_pipeline")
 
 CASES = [(m, 4, 4.0) for m in opdiff.METHODS] + [("lora", 4, 8.0), ("dora", 2, 8.0)]
-LORA_FILE, KOHYA_FILE = RunDir.LORA, output_files(RunDir.LORA)["kohya"].name
-FILES = {"diffusers": LORA_FILE, "kohya": KOHYA_FILE}
+LORA_FILE = RunDir.LORA
+KOHYA_FILE, LYCORIS_FILE = (f"lora{KINDS[k].suffix}.safetensors" for k in ("kohya", "lycoris"))
+FILES = ("diffusers", "kohya")
+
+
+def _file(method: str, fmt: str) -> str:
+    """The run folder's file of a format: a DoRA method's kohya-keyed file with DoRA's own formula is the LyCORIS one
+    (its other kohya-keyed files are proven per loader in test_export_dora.py)."""
+    if fmt == "diffusers":
+        return LORA_FILE
+    return LYCORIS_FILE if opdiff.METHODS[method].use_dora else KOHYA_FILE
 
 
 @dataclass
@@ -159,7 +168,7 @@ def test_exported_file_reloads_to_the_trained_model(fmt, trained, base, bundled_
     assert (trained.out - base_out).abs().max() > 1e-3, "training did not change the model; the test would be vacuous"
     assert np.abs(trained.image - base_image).max() > 1e-2, "the adapter does not change the image"
 
-    pipe = _load(bundled_model, trained.run_dir / FILES[fmt])
+    pipe = _load(bundled_model, trained.run_dir / _file(trained.method, fmt))
     assert (_unet_out(pipe.unet, inputs) - trained.out).abs().max() < 1e-5
     np.testing.assert_allclose(_image(pipe), trained.image, rtol=0, atol=1e-5)
 
@@ -168,14 +177,14 @@ def test_headers_describe_the_run(trained):
     run_config = json.loads((trained.run_dir / "config.json").read_text())
     use_dora = opdiff.METHODS[trained.method].use_dora
     headers = {}
-    for fmt, name in FILES.items():
-        with safe_open(str(trained.run_dir / name), framework="pt") as f:
+    for fmt in FILES:
+        with safe_open(str(trained.run_dir / _file(trained.method, fmt)), framework="pt") as f:
             headers[fmt] = f.metadata()
         meta = headers[fmt]
         assert meta["opdiff_method"] == trained.method and meta["opdiff_version"] == opdiff.__version__
         assert (meta["opdiff_rank"], meta["opdiff_alpha"]) == (str(trained.rank), str(trained.alpha))
         assert json.loads(meta["opdiff_targets"]) == run_config["adapter"]["target_modules"]
-        assert meta["opdiff_base"] == run_config["base"]
+        assert meta["opdiff_base"] == "tiny-sdxl"  # named, not located (run_config["base"] is an absolute path)
         assert meta["opdiff_dataset_hash"] == run_config["dataset"]["hash"]
         assert (meta["opdiff_steps"], meta["opdiff_resolution"]) == ("3", "64")
         assert json.loads(meta["opdiff_adapter"])["alpha"] == trained.alpha
@@ -191,7 +200,7 @@ def test_headers_describe_the_run(trained):
     assert kohya_meta["ss_resolution"] == "(64, 64)" and kohya_meta["ss_sd_model_name"] == "tiny-sdxl"
 
     # The kohya tensors are the diffusers tensors under other names: down = A, up = B, dora_scale = m as a column.
-    diffusers, kohya = load_file(trained.run_dir / LORA_FILE), load_file(trained.run_dir / KOHYA_FILE)
+    diffusers, kohya = load_file(trained.run_dir / LORA_FILE), load_file(trained.run_dir / _file(trained.method, "kohya"))
     layers = opdiff.adapted_layers(trained.unet)
     names = kohya_names(trained.unet.config, [a.name for a in layers])
     assert len(kohya) == len(layers) * (4 if use_dora else 3)
@@ -237,7 +246,7 @@ def _strip_alpha(file: Path, out: Path) -> Path:
 @pytest.mark.parametrize("fmt", FILES)
 def test_alpha_is_what_sets_the_scale(fmt, trained, bundled_model, inputs, tmp_path):
     """Without its alpha, alpha=8 at rank 4 loads at scale 1 instead of 2: the file must carry it."""
-    lora_file = trained.run_dir / FILES[fmt]
+    lora_file = trained.run_dir / _file(trained.method, fmt)
     stripped = _strip_alpha(lora_file, tmp_path / "stripped.safetensors")
     outs = [_unet_out(_load(bundled_model, path).unet, inputs) for path in (lora_file, stripped)]
     assert (outs[0] - outs[1]).abs().max() > 1e-3
@@ -247,9 +256,12 @@ def test_alpha_is_what_sets_the_scale(fmt, trained, bundled_model, inputs, tmp_p
 def test_cli_export_rebuilds_from_the_run_in_half_precision(trained, tmp_path, capsys):
     out = tmp_path / "half.safetensors"
     assert main(["export", str(trained.run_dir), "--dtype", "float16", "--out", str(out)]) == 0
-    kohya_out = tmp_path / "half_kohya.safetensors"
-    assert f"LoRA (diffusers): {out}" in capsys.readouterr().out
-    for half_file, name in ((out, LORA_FILE), (kohya_out, KOHYA_FILE)):
+    printed = capsys.readouterr().out
+    pairs = [(out, LORA_FILE)] + [(tmp_path / f"half_{kind}.safetensors", f"lora_{kind}.safetensors")
+                                  for kind in ("lycoris", "comfyui", "a1111")]
+    assert all(f"{half_file}\n    for " in printed for half_file, _ in pairs)
+    assert sorted(tmp_path.iterdir()) == sorted(half_file for half_file, _ in pairs)
+    for half_file, name in pairs:
         half, full = load_file(half_file), load_file(trained.run_dir / name)
         assert sorted(half) == sorted(full)
         for key, value in half.items():
