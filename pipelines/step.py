@@ -54,6 +54,11 @@ def diffusion_loss(
     return F.mse_loss(pred.float(), target.float())
 
 
+def _no_probe(n: int) -> float:
+    raise ValueError("this method measures the loss on fixed batches: give the Trainer a probe_loss "
+                     "(pipelines.train builds one from the training data)")
+
+
 @dataclass
 class Trainer:
     """What every step needs: the adapted U-Net, its optimizer, the noise schedule and how to run the forward.
@@ -70,7 +75,7 @@ class Trainer:
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler(enabled=False))
     ranks: Ranks = SINGLE_PROCESS
     forward: Callable | None = None
-    probe_loss: opdiff.methods.ProbeLoss = lambda: float("nan")
+    probe_loss: opdiff.methods.ProbeLoss = _no_probe
 
     def loss(self, batch: Encoded, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The diffusion loss of one batch under the current weights."""
