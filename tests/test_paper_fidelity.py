@@ -187,6 +187,20 @@ def test_op_init_is_appendix_c1(method):
             assert float(w.std()) == pytest.approx(bound / math.sqrt(3.0), rel=0.1)  # uniform, not normal
 
 
+@pytest.mark.parametrize("z_std", [1.0, 0.1])
+def test_op_initial_a_scale_follows_from_appendix_c1(z_std):
+    """With W1, W2 kaiming uniform (bound 1/sqrt(fan_in): variance 1/(3 fan_in)) and zero biases, W1 z has variance
+    z_std^2 / 3, the ReLU keeps half of its second moment and W2 divides by 3: std(A) = z_std / sqrt(18)."""
+    from opdiff.methods.op import OPGenerator
+
+    torch.manual_seed(0)
+    gen = OPGenerator(64, 4, 256, 32, width=32, embed_dim=128, z_std=z_std)
+    with torch.no_grad():
+        a = gen.compute()["A"]  # (64, 4, 256)
+    assert float(a.std()) == pytest.approx(z_std / math.sqrt(18.0), rel=0.05)
+    assert float(gen.z.detach().std()) == pytest.approx(z_std, rel=0.05)
+
+
 def test_op_dora_magnitude_starts_at_peft_dora_magnitude():
     """OP-DoRA's m head starts where DoRA starts: m = ||W0 + s B A||_row = ||W0||_row (B = 0), per output."""
     model = op_model("op-dora")
@@ -347,3 +361,18 @@ def test_collapse_is_the_methods_function_and_a_plain_lora_of_eq2(method):
         with torch.no_grad():
             y = a.layer(x.float()).double()
         torch.testing.assert_close(y, y_want, rtol=1e-4, atol=1e-5)
+
+
+def test_core_lr_power_zero_is_the_papers_main_lr_and_power_divides_by_m():
+    """lora-over.txt Tables 4 and 6 train the cores at (about) the main LR: power 0. Otherwise lr / m^power."""
+    from opdiff.methods.lora_over import core_lr
+
+    assert core_lr(1e-3, 5, power=0.0) == 1e-3
+    assert core_lr(1e-3, 2, power=0.0) == 1e-3
+    assert core_lr(1e-2, 4, power=1.5) == pytest.approx(1e-2 / 8)
+    assert core_lr(1e-2, 5, power=1.0) == pytest.approx(2e-3)
+    assert core_lr(1e-2, 3) == pytest.approx(1e-2 / 3**1.5)
+    with pytest.raises(ValueError, match="n_cores=1"):
+        core_lr(1e-3, 1)
+    with pytest.raises(ValueError, match="power=-1"):
+        core_lr(1e-3, 3, power=-1.0)

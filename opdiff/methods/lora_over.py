@@ -103,3 +103,22 @@ register(Method("lora-over-svd", use_dora=False, attach=_attach_all(lambda c: 2)
                 summary="LoRA-Over-SVD: every A and B trained as 2 SVD cores; ships as plain LoRA."))
 register(Method("lora-over-mpo", use_dora=False, attach=_attach_all(lambda c: c.mpo_cores),
                 summary="LoRA-Over-MPO: every A and B trained as an m-core MPO; ships as plain LoRA."))
+
+
+
+def core_lr(lr: float, n_cores: int, power: float = 1.5) -> float:
+    """Return the learning rate of the cores of an `n_cores`-core chain (SVD: 2) under main learning rate `lr`.
+
+    lr / n_cores**power. `power = 0` is the paper: the cores train at the main rate (lora-over.txt Tables 4 and
+    6 set MPO_LR next to LR). Under Adam every core moves by about lr per entry whatever its gradient, so all m
+    factors of the product grow at once and their growth compounds: in bench/paper_toys.py (a frozen ReLU MLP
+    adapted with Adam) the contracted A and B grow 10-1000x faster than LoRA's, push every pre-activation of the
+    adapted layer below zero, and the dead ReLUs pass no gradient back (all 512 dead, loss stuck at ln 10) for
+    m = 3, 5, 8 at an lr where LoRA and SVD train well. lr / m (first-order equal speed) still collapses there;
+    the default 1.5 is the smallest power tried that trains m = 2..8 at that lr (bench/RESULTS.md).
+    """
+    if n_cores < 2:
+        raise ValueError(f"core_lr: a chain has at least 2 cores, got n_cores={n_cores}")
+    if power < 0:
+        raise ValueError(f"core_lr: power must be >= 0 (0 = the paper's main lr), got power={power}")
+    return lr / n_cores**power
