@@ -187,14 +187,17 @@ def test_op_init_is_appendix_c1(method):
             assert float(w.std()) == pytest.approx(bound / math.sqrt(3.0), rel=0.1)  # uniform, not normal
 
 
-@pytest.mark.parametrize("z_std", [1.0, 0.1])
+@pytest.mark.parametrize("z_std", [None, 0.1])
 def test_op_initial_a_scale_follows_from_appendix_c1(z_std):
     """With W1, W2 kaiming uniform (bound 1/sqrt(fan_in): variance 1/(3 fan_in)) and zero biases, W1 z has variance
     z_std^2 / 3, the ReLU keeps half of its second moment and W2 divides by 3: std(A) = z_std / sqrt(18)."""
     from opdiff.methods.op import OPGenerator
 
     torch.manual_seed(0)
-    gen = OPGenerator(64, 4, 256, 32, width=32, embed_dim=128, z_std=z_std)
+    if z_std is None:  # the default: z ~ N(0, 1)
+        gen, z_std = OPGenerator(64, 4, 256, 32, width=32, embed_dim=128), 1.0
+    else:
+        gen = OPGenerator(64, 4, 256, 32, width=32, embed_dim=128, z_std=z_std)
     with torch.no_grad():
         a = gen.compute()["A"]  # (64, 4, 256)
     assert float(a.std()) == pytest.approx(z_std / math.sqrt(18.0), rel=0.05)
