@@ -5,7 +5,7 @@ STAMP := $(VENV)/.opdiff-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint mutation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,3 +26,9 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# Mutation testing of the method maths (opdiff/mpo.py, methods/op.py, methods/lora_over.py, reparam.py) against
+# the fast opdiff-level tests; not part of `make test`. Settings in pyproject.toml [tool.mutmut]; takes a while.
+mutation: setup
+	OMP_NUM_THREADS=1 nice -n 19 $(VENV)/bin/mutmut run --max-children 2
+	$(VENV)/bin/mutmut results

@@ -234,3 +234,64 @@ def test_dora_layers_keep_no_identity_for_backward_and_train_the_same(method):
     for step_ours, step_peft in zip(ours, peft, strict=True):
         for name, grad in step_peft.items():
             torch.testing.assert_close(step_ours[name], grad, rtol=1e-6, atol=1e-7)
+
+
+def test_to_mpo_without_a_bank_keeps_the_value_and_contracts_on_each_access():
+    from opdiff.methods.lora_over import to_mpo
+
+    torch.manual_seed(0)
+    for weight in (torch.randn(4, 12), torch.zeros(12, 4)):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+        function = to_mpo(linear, 3)  # no `banks`: the matrix contracts its own cores
+        assert function.bank is None and len(function.cores) == 3
+        torch.testing.assert_close(linear.weight, weight, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            function.cores[-1].add_(1.0)
+        assert not torch.allclose(linear.weight, weight)
+
+
+def test_meta_device_cores_have_the_shapes_of_real_ones():
+    """bench/methods.py counts parameters of a full-size model built on the meta device: same cores, no values."""
+    config = opdiff.AdapterConfig(method="lora-over-mpo", rank=4, mpo_cores=5)
+    meta = opdiff.inject(TinyNet().to("meta"), config)  # not under `torch.device("meta")`: cores must say meta
+    real = opdiff.inject(TinyNet(), config)
+    for a_meta, a_real in zip(opdiff.adapted_layers(meta), opdiff.adapted_layers(real), strict=True):
+        for lin_meta, lin_real in ((a_meta.lora_A, a_real.lora_A), (a_meta.lora_B, a_real.lora_B)):
+            cores_meta = list(lin_meta.parametrizations.weight[0].cores)
+            cores_real = list(lin_real.parametrizations.weight[0].cores)
+            assert [c.shape for c in cores_meta] == [c.shape for c in cores_real]
+            assert all(c.is_meta for c in cores_meta)
+
+
+DORA_FLOAT64 = pytest.mark.xfail(
+    strict=True, raises=RuntimeError,
+    reason="DoraLayer.row_norm asks vector_norm for float32, which refuses a float64 weight (opdiff/inject.py)")
+
+
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=DORA_FLOAT64) if opdiff.METHODS[m].use_dora else m for m in METHODS])
+def test_a_float64_model_gets_float64_adapter_state(method):
+    torch.manual_seed(0)
+    base = TinyNet().double()
+    adapted = TinyNet().double()
+    adapted.load_state_dict(base.state_dict())
+    opdiff.inject(adapted, opdiff.AdapterConfig(method=method, rank=4, mpo_cores=3))
+    assert {p.dtype for p in opdiff.trainable_parameters(adapted)} == {torch.float64}
+    x, ctx, _ = (t.double() for t in batch())
+    with torch.no_grad(), opdiff.materialize(adapted):
+        out = adapted(x, ctx)
+    assert out.dtype == torch.float64 and (out - base(x, ctx)).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("method", ["op-lora", "lora-over-mpo"])
+def test_outside_materialize_a_changed_parameter_shows_at_once(method):
+    """Nothing is cached outside `materialize`, also before its first use."""
+    _, adapted = make(method)
+    layer = opdiff.adapted_layers(adapted)[0]
+    before = layer.lora_A.weight.detach().clone()
+    with torch.no_grad():
+        for p in opdiff.trainable_parameters(adapted):
+            p.mul_(1.5)
+    assert not torch.allclose(layer.lora_A.weight, before)

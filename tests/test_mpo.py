@@ -45,7 +45,9 @@ LLAMA_CASES = [
     (8, 4096, (2, *ONES_7, 4), (64, *ONES_7, 64)),
     (11008, 8, (86, *ONES_7, 128), (2, *ONES_7, 4)),
 ]
-CASES = SDXL_CASES + LLAMA_CASES
+# Odd sizes: no step of the decomposition may assume an even element count.
+ODD_CASES = [(9, 15, (3, 1, 3), (3, 1, 5)), (15, 7, (3, 5), (7, 1))]
+CASES = SDXL_CASES + LLAMA_CASES + ODD_CASES
 CASE_IDS = [f"{r}x{c}-m{len(i)}" for r, c, i, _ in CASES]
 # A chain whose middle core has real physical dimensions: sizes i_k j_k = 8, 8, 16, bonds [1, 8, 16, 1].
 I3, J3 = (4, 2, 4), (2, 4, 4)
@@ -100,10 +102,18 @@ def test_bond_dims_match_eq4_by_hand():
 
 
 @pytest.mark.parametrize(("rows", "cols", "i_f", "j_f"), CASES, ids=CASE_IDS)
-def test_bond_dims_are_one_at_both_ends(rows, cols, i_f, j_f):
-    dims = mpo.bond_dims(i_f, j_f)
-    assert len(dims) == len(i_f) + 1
-    assert dims[0] == dims[-1] == 1
+def test_bond_dims_are_the_ranks_of_a_generic_matrix_unfoldings(rows, cols, i_f, j_f):
+    """Eq. 4's d_k is the largest rank W's k-th unfolding can have, so a random W's unfoldings reach it exactly."""
+    w = _rand(rows, cols, seed=rows * cols, dtype=torch.float64)
+    ranks = [int(torch.linalg.matrix_rank(_unfolding(w, i_f, j_f, k))) for k in range(len(i_f) + 1)]
+    assert mpo.bond_dims(i_f, j_f) == ranks
+
+
+def test_max_bond_one_is_allowed_and_bad_max_bonds_are_rejected_by_bond_dims():
+    assert mpo.bond_dims(I3, J3, max_bond=1) == [1, 1, 1, 1]
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_bond must be a positive integer"):
+            mpo.bond_dims(I3, J3, max_bond=bad)
 
 
 def test_n_add_matches_eq6_by_hand():
@@ -125,8 +135,6 @@ def test_decompose_contract_roundtrip(rows, cols, i_f, j_f):
     out = mpo.contract(cores)
     assert out.shape == (rows, cols) and out.dtype == torch.float32
     assert _rel_err(out, w) < 1e-5
-    # Eq. 6 is the real parameter count the cores add over the matrix.
-    assert sum(c.numel() for c in cores) - rows * cols == mpo.n_add(i_f, j_f)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -249,6 +257,10 @@ def test_zero_product_cores(i_f, j_f):
     assert torch.equal(out, torch.zeros(math.prod(i_f), math.prod(j_f)))
     (out * _rand(*out.shape, seed=11)).sum().backward()
     assert cores[-1].grad.abs().sum() > 0
+    # As documented: the decomposition of a float64 N(0, 1/J) matrix drawn from the generator, last core zeroed.
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64) / math.sqrt(out.shape[1])
+    for a, b in zip(cores[:-1], mpo.decompose(w, i_f, j_f)[:-1], strict=True):
+        torch.testing.assert_close(a.detach(), b.float())
     # Seeded: the same generator seed gives the same cores.
     again = mpo.zero_product_cores(i_f, j_f, torch.Generator().manual_seed(10))
     assert all(torch.equal(a.detach(), b) for a, b in zip(cores, again, strict=True))
@@ -276,11 +288,19 @@ def test_zero_product_cores(i_f, j_f):
         ),
         ((4, 320), (2, 2), (16, 20), 0, "max_bond must be a positive integer"),
         ((1280,), (2, 2), (16, 20), None, r"2-D matrix, got \(1280,\)"),
+        ((4, 320), (2.0, 2), (16, 20), None, r"positive integers, got i_factors=\(2.0, 2\)"),
+        ((4, 320), (True, 4), (16, 20), None, r"positive integers, got i_factors=\(True, 4\)"),
+        ((4, 320), (2, 2), (16, 20), 2.5, "max_bond must be a positive integer"),
     ],
 )
 def test_decompose_rejects_bad_factors(shape, i_f, j_f, max_bond, match):
     with pytest.raises(ValueError, match=match):
         mpo.decompose(torch.zeros(shape), i_f, j_f, max_bond)
+
+
+def test_decompose_rejects_a_non_tensor_by_its_type():
+    with pytest.raises(ValueError, match="2-D matrix, got list"):
+        mpo.decompose([[1.0, 2.0], [3.0, 4.0]], (1, 2), (2, 1))
 
 
 def test_decompose_rejects_integer_matrix():
@@ -291,8 +311,9 @@ def test_decompose_rejects_integer_matrix():
 @pytest.mark.parametrize(
     ("shapes", "match"),
     [
-        ([], "at least one"),
+        ([], "^contract needs at least one MPO core, got none$"),
         ([(1, 2, 2, 4), (3, 2, 2, 1)], "bond 1 does not match: core 0 ends with 4, core 1 starts with 3"),
+        ([(1, 2, 2, 4), (4, 2, 2, 5), (3, 2, 2, 1)], "bond 2 does not match: core 1 ends with 5, core 2 starts with 3"),
         ([(2, 2, 2, 4), (4, 2, 2, 1)], "outer bonds"),
         ([(1, 2, 4), (4, 2, 2, 1)], "4-D"),
     ],
@@ -302,11 +323,11 @@ def test_contract_rejects_bad_cores(shapes, match):
         mpo.contract([torch.zeros(s) for s in shapes])
 
 
-@pytest.mark.parametrize("m", [2, 3, 5])
-def test_contract_batched_equals_contract_per_matrix(m):
+@pytest.mark.parametrize(("i_f", "j_f"), [(mpo.factorize(4, m), mpo.factorize(640, m)) for m in (2, 3, 5)] + [(I3, J3)])
+def test_contract_batched_equals_contract_per_matrix(i_f, j_f):
     g = torch.Generator().manual_seed(3)
-    i_f, j_f = mpo.factorize(4, m), mpo.factorize(640, m)
-    chains = [mpo.decompose(torch.randn(4, 640, generator=g), i_f, j_f) for _ in range(3)]
+    m = len(i_f)
+    chains = [mpo.decompose(torch.randn(math.prod(i_f), math.prod(j_f), generator=g), i_f, j_f) for _ in range(3)]
     stacked = [torch.stack([c[k] for c in chains]).requires_grad_() for k in range(m)]
     batched = mpo.contract_batched(stacked)  # (3, 4, 640)
     single = torch.stack([mpo.contract([s[n] for s in stacked]) for n in range(3)])
@@ -316,8 +337,19 @@ def test_contract_batched_equals_contract_per_matrix(m):
     grads_s = torch.autograd.grad((single * upstream).sum(), stacked)
     for a, b in zip(grads_b, grads_s, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
-    with pytest.raises(ValueError, match="stacked cores"):
+    msg = r"^contract_batched needs stacked cores shaped \(L, d_\{k-1\}, i_k, j_k, d_k\) with one L$"
+    with pytest.raises(ValueError, match=msg):
         mpo.contract_batched([s[0] for s in stacked])
+    with pytest.raises(ValueError, match=msg):  # 5-D, but two different L
+        mpo.contract_batched([stacked[0], *[s[:2] for s in stacked[1:]]])
+    # L = 1 is a batch too
+    torch.testing.assert_close(mpo.contract_batched([s[:1] for s in stacked])[0], single[0])
+
+
+def test_a_one_core_chain_is_its_matrix():
+    core = torch.arange(6.0).reshape(1, 2, 3, 1)
+    torch.testing.assert_close(mpo.contract([core]), core.reshape(2, 3))
+    torch.testing.assert_close(mpo.contract_batched([core[None]])[0], core.reshape(2, 3))
 
 
 @pytest.mark.parametrize("m", [2, 3, 5])

@@ -97,8 +97,33 @@ MPO_CORES = Setting(
     minimum=2)
 MPO_LR = Setting(
     "mpo_lr", float | None, None, "Learning rate of the MPO/SVD cores.", optional=True,
-    none_means="the main learning rate", ref="lora-over.txt Tables 4 and 6, MPO_LR", label="core learning rate",
-    above=0)
+    none_means="the main learning rate divided by (number of cores)^mpo_lr_power",
+    ref="lora-over.txt Tables 4 and 6, MPO_LR", label="core learning rate", above=0)
+MPO_LR_POWER = Setting(
+    "mpo_lr_power", float, 1.5, "How much slower the cores learn than the main rate when no core learning rate is "
+    "given: lr / cores^power. 0 trains them at the main rate, as the paper does; the default keeps chains of "
+    "several cores stable under Adam at learning rates where LoRA trains.",
+    ref="lora-over.txt Tables 4 and 6 (MPO_LR = LR); bench/RESULTS.md, core learning-rate sweep",
+    label="core lr power", minimum=0)
+
+
+def core_lr(lr: float, n_cores: int, power: float = 1.5) -> float:
+    """Return the learning rate of the cores of an `n_cores`-core chain (SVD: 2) under main learning rate `lr`.
+
+    lr / n_cores**power. `power = 0` is the paper: the cores train at the main rate (lora-over.txt Tables 4 and
+    6 set MPO_LR next to LR). Why a power: under Adam every core's entries move by about lr per step whatever
+    the size of their gradient, so each of the m factors of a matrix grows about as fast as a LoRA matrix does
+    and their growth multiplies. On bench/paper_toys.py's frozen ReLU MLP at Adam lr 1e-2, A's factors grew
+    13x together in 40 steps for LoRA, 31x, 338x and 677x for m = 3, 5, 8; B A overshot, every pre-activation
+    of the adapted layer went negative, and with all 512 ReLUs dead no gradient comes back (loss stuck at
+    ln 10) while LoRA trains. lr / m (equal first-order speed) still collapses there, because the growth
+    compounds; lr / m**1.5, the default, trains m = 2, 3, 5, 8 at that lr (bench/RESULTS.md).
+    """
+    if n_cores < 2:
+        raise ValueError(f"core_lr: a chain has at least 2 cores, got n_cores={n_cores}")
+    if power < 0:
+        raise ValueError(f"core_lr: power must be >= 0 (0 = the paper's main lr), got power={power}")
+    return lr / n_cores**power
 
 
 def mpo_cores(model: nn.Module) -> list[nn.Parameter]:
@@ -134,9 +159,10 @@ class LoRAOver(Method):
         cores = mpo_cores(model)
         core_ids = {id(p) for p in cores}
         rest = [p for p in trainable_parameters(model) if id(p) not in core_ids]
-        mpo_lr = model.opdiff_config.mpo_lr
+        config = model.opdiff_config
+        mpo_lr = config.mpo_lr if config.mpo_lr is not None else core_lr(lr, self.n_cores(config), config.mpo_lr_power)
         groups = [{"params": rest, "lr": lr, "name": "adapter"}] if rest else []
-        return groups + [{"params": cores, "lr": mpo_lr if mpo_lr is not None else lr, "name": "mpo"}]
+        return groups + [{"params": cores, "lr": mpo_lr, "name": "mpo"}]
 
     def report(self, model: nn.Module) -> dict[str, Any]:
         """N_add of Eq. 6 over every matrix that has cores now."""
@@ -145,14 +171,14 @@ class LoRAOver(Method):
 
 register(LoRAOver(
     "lora-over-svd", "LoRA-Over-SVD: every A and B trained as 2 SVD cores; ships as plain LoRA.",
-    n_cores=lambda config: 2, settings=(MPO_LR,),
+    n_cores=lambda config: 2, settings=(MPO_LR, MPO_LR_POWER),
     about="LoRA-Over with SVD: every adapter matrix is trained as two factors and multiplied back at export. "
           "A light over-parameterization; ships as a plain LoRA.",
     ref="lora-over.txt Sec. 4.2",
 ))
 register(LoRAOver(
     "lora-over-mpo", "LoRA-Over-MPO: every A and B trained as an m-core MPO; ships as plain LoRA.",
-    n_cores=lambda config: config.mpo_cores, settings=(MPO_CORES, MPO_LR),
+    n_cores=lambda config: config.mpo_cores, settings=(MPO_CORES, MPO_LR, MPO_LR_POWER),
     about="LoRA-Over with MPO: every adapter matrix is trained as a chain of small tensors and multiplied back at "
           "export. More trainable parameters than LoRA at the same rank; ships as a plain LoRA.",
     ref="lora-over.txt Sec. 4.2, Eq. 3",

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from opdiff.methods.base import ProbeLoss, register
-from opdiff.methods.lora_over import MPO_CORES, MPO_LR, LoRAOver, mpo_cores, to_mpo
+from opdiff.methods.lora_over import MPO_CORES, MPO_LR, MPO_LR_POWER, LoRAOver, mpo_cores, to_mpo
 from opdiff.settings import Setting
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ class Selecting(LoRAOver):
         sel.restore(model)
 
 
-SELECTION_SETTINGS = (MPO_CORES, MPO_LR, SELECT_TOP_N)
+SELECTION_SETTINGS = (MPO_CORES, MPO_LR, MPO_LR_POWER, SELECT_TOP_N)
 register(Selecting(
     "lora-over-mpop", "LoRA-Over-MPOP: LoRA warm-up, then the top-N matrices per group by Eq. 7 become MPO.",
     strategy="predefined", settings=(*SELECTION_SETTINGS, SELECT_WARMUP_STEPS, SELECT_BATCHES),

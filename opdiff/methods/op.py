@@ -36,16 +36,18 @@ class OPGenerator(StepCached):
     """L two-layer MLPs (Eq. 4) for L layers of one shape, evaluated together.
 
     Init (Appendix C.1): W1, W2 kaiming uniform, biases zero, the rows of W2 that produce B zero, so B = 0 and the
-    adapted model equals the base at step 0. z ~ N(0, 1): the paper learns z but does not give its init; a zero z
-    would make ReLU(W1 z) = 0 and block every gradient to W1.
+    adapted model equals the base at step 0. z ~ N(0, z_std^2), z_std = 1 by default: the paper learns z but does
+    not give its init; a zero z would make ReLU(W1 z) = 0 and block every gradient to W1. At init
+    std(A) = z_std / sqrt(18) (W1 z has variance z_std^2 / 3, half of it survives the ReLU, W2 divides by 3), so
+    z_std = sqrt(6 / d_in) starts A at the std of PEFT's kaiming-uniform A, 1 / sqrt(3 d_in).
     """
 
     def __init__(self, n_layers: int, rank: int, d_in: int, d_out: int, width: int, embed_dim: int,
-                 magnitudes: torch.Tensor | None = None) -> None:
+                 magnitudes: torch.Tensor | None = None, z_std: float = 1.0) -> None:
         super().__init__()
         self.rank, self.d_in, self.d_out = rank, d_in, d_out
         n_a, n_b = rank * d_in, d_out * rank
-        self.z = nn.Parameter(torch.randn(n_layers, embed_dim))  # (L, e)
+        self.z = nn.Parameter(z_std * torch.randn(n_layers, embed_dim))  # (L, e)
         self.w1 = nn.Parameter(_kaiming_uniform_stack(n_layers, width, embed_dim))  # (L, h, e)
         self.c1 = nn.Parameter(torch.zeros(n_layers, width))  # (L, h)
         w2 = _kaiming_uniform_stack(n_layers, n_a + n_b, width)  # (L, r*d_in + d_out*r, h)
