@@ -76,14 +76,16 @@ class DoraLayer(DoraLinearLayer):
 
     @torch.no_grad()
     def row_norm(self, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-        """||W0 + s B A|| of every output row, float32, shape (d_out,); W0 (d_out, d_in), A (r, d_in), B (d_out, r)."""
+        """||W0 + s B A|| of every output row, shape (d_out,), in float32 or the base's wider dtype; W0 (d_out, d_in),
+        A (r, d_in), B (d_out, r)."""
         weight = transpose(weight, self.fan_in_fan_out)
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # float32 at least: 16-bit bases accumulate in it
         if getattr(self, "_base_key", None) != key:
-            self._base_sq = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+            self._base_sq = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
             self._base_key = key
-        a, b = a.float(), b.float()
-        cross = (b * (weight @ a.to(weight.dtype).T).float()).sum(dim=1)  # <B, W0 A^T> per row
+        a, b = a.to(acc), b.to(acc)
+        cross = (b * (weight @ a.to(weight.dtype).T).to(acc)).sum(dim=1)  # <B, W0 A^T> per row
         lora_sq = (b * (b @ (a @ a.T))).sum(dim=1)  # ||B A||^2 per row
         return (self._base_sq + 2 * scaling * cross + scaling**2 * lora_sq).clamp_min(0).sqrt()
 

@@ -265,13 +265,7 @@ def test_meta_device_cores_have_the_shapes_of_real_ones():
             assert all(c.is_meta for c in cores_meta)
 
 
-DORA_FLOAT64 = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="DoraLayer.row_norm asks vector_norm for float32, which refuses a float64 weight (opdiff/inject.py)")
-
-
-@pytest.mark.parametrize(
-    "method", [pytest.param(m, marks=DORA_FLOAT64) if opdiff.METHODS[m].use_dora else m for m in METHODS])
+@pytest.mark.parametrize("method", METHODS)
 def test_a_float64_model_gets_float64_adapter_state(method):
     torch.manual_seed(0)
     base = TinyNet().double()
