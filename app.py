@@ -96,6 +96,15 @@ def _widget(s: Setting, visible: bool = True) -> gr.components.Component:
     return gr.Textbox("" if s.default is None else str(s.default), **common)
 
 
+def _form_value(s: Setting, value: object) -> object:
+    """A setting's value as its widget shows it (lists one per line, empty for None)."""
+    if s.is_list:
+        return "\n".join(map(str, value or ()))
+    if value is None and s.base_type not in (int, float):
+        return ""
+    return value
+
+
 def _config_from_form(values: dict) -> TrainConfig:
     """Turn the form's values into a TrainConfig; an empty box (or 0 where 0 is not allowed) of an optional
     setting means its default."""
@@ -246,6 +255,12 @@ class App:
     def method_changed(self, method: str) -> list:
         """Show the settings the chosen method reads, hide the other methods' settings."""
         return [gr.update(visible=s.applies_to(method)) for s in form_settings() if s.read_by is not None]
+
+    def preset_changed(self, preset: str | None) -> list:
+        """Fill the form with the chosen preset's settings (the defaults where it has none); the dataset stays."""
+        values = TrainConfig(preset=preset or None).to_dict()
+        return [gr.update() if s.name == "data" else gr.update(value=_form_value(s, values[s.name]))
+                for s in form_settings()]
 
     def stop_training(self) -> tuple:
         """Ask the run to stop after its current step; it still saves and exports what it has."""
@@ -511,6 +526,8 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
 
         method_widgets = [form[s.name] for s in form_settings() if s.read_by is not None]
         form["method"].change(app.method_changed, form["method"], method_widgets, api_name="method_changed")
+        form["preset"].input(app.preset_changed, form["preset"], [form[s.name] for s in form_settings()],
+                             api_name="preset_changed")
         status_outputs = [status_html, loss_plot, selections, job, start, stop]
         start.click(_keyword_handler(app.start_training, form), inputs_kwargs=form, outputs=status_outputs, api_name="start_training")
         stop.click(app.stop_training, outputs=status_outputs, api_name="stop_training")

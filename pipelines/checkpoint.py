@@ -1,9 +1,10 @@
 """Checkpoints: what `--resume` needs to continue a run with the loss curve an uninterrupted run would have had.
 
 `checkpoint.pt` holds the adapter's uncollapsed state (MLPs, cores, the method's buffers), the optimizer, the
-loss scaler, the random generators, the loss history, the method's events and the run's config. It alone is what
-`resume` reads; the files derived from it (losses.csv, adapter_training.safetensors, events.json) are rewritten
-with it, so they never disagree about the step a run continues from.
+learning-rate scheduler, the loss scaler, the random generators, the loss history, the method's events and the
+run's config. It alone is what `resume` reads; the files derived from it (losses.csv,
+adapter_training.safetensors, events.json) are rewritten with it, so they never disagree about the step a run
+continues from.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class Checkpoint:
     losses: list[float]
     events: list[dict]
     config: dict
+    scheduler: dict | None = None
+    """The learning-rate scheduler's state (None in checkpoints of runs before schedules: constant)."""
 
     @classmethod
     def load(cls, run: RunDir) -> Checkpoint:
@@ -80,12 +83,12 @@ class Checkpoint:
                              f"this version reads {FORMAT}")
         events = raw.get("events", raw.get("selections", []))  # opdiff 0.1 called the method's events selections
         return cls(raw["step"], raw["adapter"], raw["optimizer"], raw["scaler"], raw["rng"], list(raw["losses"]),
-                   list(events), raw["config"])
+                   list(events), raw["config"], raw.get("scheduler"))
 
 
 def save_checkpoint(run: RunDir, step: int, unet: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, rng: torch.Generator, losses: list[float], events: list[dict],
-                    config: dict) -> None:
+                    config: dict, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
     """Write checkpoint.pt and the files derived from it (adapter state, loss curve, events), each atomically."""
     adapter = {k: v.detach().to("cpu").contiguous() for k, v in opdiff.training_state_dict(unet).items()}
     checkpoint = {
@@ -98,6 +101,7 @@ def save_checkpoint(run: RunDir, step: int, unet: torch.nn.Module, optimizer: to
         "losses": list(losses),
         "events": list(events),
         "config": config,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
     }
     tmp = run.path / (RunDir.CHECKPOINT + ".tmp")
     torch.save(checkpoint, tmp)

@@ -17,7 +17,16 @@ import torch
 
 from metrics import ClipWeightsMissing
 from opdiff.settings import Settings
-from pipelines.config import BUNDLED_DATA, BUNDLED_MODEL, add_arguments, add_settings, config_from_args, given
+from pipelines import presets
+from pipelines.config import (
+    BUNDLED_DATA,
+    BUNDLED_MODEL,
+    TrainConfig,
+    add_arguments,
+    add_settings,
+    config_from_args,
+    given,
+)
 from pipelines.rundir import RunDir
 
 # `opdiff demo`: the bundled model and images, sized to finish in well under two minutes on two CPU cores. The
@@ -34,9 +43,30 @@ def _from_args(cls: type[Settings], args: argparse.Namespace) -> Settings:
 def _cmd_train(args: argparse.Namespace) -> None:
     from pipelines.train import train
 
+    if args.dry_run:
+        _dry_run(config_from_args(args))
+        return
     run_dir = train(config_from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:  # several processes (torchrun/accelerate): one report
         print(f"run folder: {run_dir}\n  LoRA for load_lora_weights: {RunDir(run_dir).lora}")
+
+
+def _dry_run(cfg: TrainConfig) -> None:
+    """Check the settings and print the memory estimate; load, write and train nothing."""
+    from pipelines.logging_tb import check_logging
+    from pipelines.memory import estimate_memory
+    from pipelines.model import default_device
+    from pipelines.optimizers import check_optimizer
+
+    device = cfg.device or default_device()
+    check_optimizer(cfg.optimizer, device)
+    check_logging(cfg.log_with)
+    estimate = estimate_memory(cfg)
+    print(estimate.summary())
+    if cfg.preset is not None and (budget := presets.load(cfg.preset).budget_gb) is not None:
+        verdict = "fits" if estimate.fits(budget) else "does NOT fit"
+        print(f"  {verdict} the {budget:g} GiB of preset {cfg.preset}")
+    print(f"dry run: nothing trained; settings: {', '.join(f'{k}={v}' for k, v in cfg.to_dict().items())}")
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -124,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an adapter and export it as a LoRA",
                            description="Train an adapter on an image set; every setting is a flag or a --config key.")
     add_arguments(train)
+    train.add_argument("--dry-run", action="store_true", help="check the settings and print the estimated peak "
+                       "accelerator memory, then exit without loading the model or training")
     train.set_defaults(run=_cmd_train)
 
     demo = sub.add_parser(

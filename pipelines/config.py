@@ -17,6 +17,7 @@ import torch
 
 from opdiff import AdapterConfig
 from opdiff.settings import Setting, Settings, option
+from pipelines import presets
 from pipelines.rundir import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,13 +25,16 @@ BUNDLED_MODEL = REPO_ROOT / "assets" / "tiny-sdxl"
 BUNDLED_DATA = REPO_ROOT / "assets" / "demo-data"
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
+Optimizer = Literal["adamw", "adamw8bit", "prodigy"]
+LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+LogWith = Literal["auto", "tensorboard", "none"]
 # Settings a resumed run may change: they do not alter the trajectory of the steps already taken or to come
 # (length, bookkeeping, where data and caches live, how memory is spent). The dataset's content is checked by
 # its hash instead of its path.
 RESUME_MAY_CHANGE = frozenset({
     "data", "output_dir", "resume", "max_steps", "epochs", "checkpoint_every", "device", "cache_dir",
     "cache_latents", "gradient_checkpointing", "compile", "sample_prompts", "sample_seeds", "sample_steps",
-    "guidance_scale",
+    "guidance_scale", "sample_every", "log_with", "preset",
 })
 
 
@@ -56,6 +60,10 @@ class TrainConfig(Settings):
     resume: Path | None = option(None, "Continue the run in this folder from its last checkpoint, with its "
                                  "settings (flags may extend max_steps).", group="run", cli=True,
                                  none_means="start a new run", label="resume run")
+    preset: str | None = option(None, "Start from settings shipped with opdiff for a purpose or a GPU size; "
+                                "settings given besides it override it.", group="run", choices=presets.names(),
+                                choice_help=tuple(presets.load(n).description for n in presets.names()),
+                                none_means="opdiff's defaults")
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The adapter: method, rank, alpha, targets and the method's own settings (flat for users)."""
 
@@ -70,7 +78,42 @@ class TrainConfig(Settings):
     resolution: int | None = option(None, "Training image size in pixels (a multiple of 8).", group="basic",
                                     minimum=8, none_means="the base model's native size (1024 for SDXL)")
     seed: int = option(0, "Random seed: the same seed gives the same run.", group="basic")
-    weight_decay: float = option(1e-2, "AdamW's weight decay.", label="weight decay", minimum=0)
+    optimizer: Optimizer = option("adamw", "How the adapter's weights are updated.", group="basic",
+                                  choice_help=("AdamW (the papers' optimizer).",
+                                               "AdamW with 8-bit state: less memory (needs opdiff[bnb8bit]).",
+                                               "Prodigy: finds its own step size; set lr to 1.0 (needs "
+                                               "opdiff[prodigy])."), ref="op-lora.txt Sec. 4.1: AdamW")
+    lr_scheduler: LRScheduler = option("constant", "How the learning rate changes over the run (diffusers' "
+                                       "get_scheduler).", group="basic", label="learning-rate schedule",
+                                       choice_help=("the same rate throughout (the papers').",
+                                                    "rises from 0 over the warm-up steps, then stays.",
+                                                    "warm-up, then falls in a straight line to 0 at the end.",
+                                                    "warm-up, then falls along a half cosine to 0 at the end.",
+                                                    "warm-up, then lr_num_cycles cosine falls, each from the "
+                                                    "full rate.",
+                                                    "warm-up, then falls as (1 - progress)^lr_power to 0."))
+    lr_warmup_steps: int = option(0, "Steps over which the learning rate rises from 0 to its full value at the "
+                                  "start (not with the constant schedule).", group="basic", minimum=0,
+                                  label="warm-up steps")
+    lr_num_cycles: int = option(1, "Cosine-with-restarts schedule: how many cosine falls (restarts) in the run.",
+                                group="basic", minimum=1, label="schedule cycles")
+    lr_power: float = option(1.0, "Polynomial schedule: the power of its fall (1 is linear).", group="basic",
+                             above=0, label="schedule power")
+    gradient_accumulation_steps: int = option(1, "Add up the gradients of this many batches before each "
+                                              "optimizer step: trains like a batch this many times larger in the "
+                                              "memory of one batch.", group="basic", minimum=1,
+                                              label="gradient accumulation")
+    max_grad_norm: float | None = option(None, "Scale the gradient down whenever its norm exceeds this (kohya "
+                                         "and the diffusers scripts use 1.0).", group="basic", above=0,
+                                         none_means="no clipping, as in the papers", label="gradient clipping")
+    snr_gamma: float | None = option(None, "Min-SNR weighting: weigh each timestep's loss by min(SNR, gamma) / "
+                                     "SNR, so easy low-noise steps count less; 5 is the usual value.",
+                                     group="basic", above=0, none_means="every timestep weighs the same",
+                                     ref="Hang et al. 2023, Min-SNR; diffusers --snr_gamma", label="min-SNR gamma")
+    noise_offset: float = option(0.0, "Add this much per-channel constant to the training noise, so the model "
+                                 "learns very dark and very bright images; 0.0357 to 0.1 is usual.", group="basic",
+                                 minimum=0, label="noise offset")
+    weight_decay: float = option(1e-2, "Weight decay of the optimizer.", label="weight decay", minimum=0)
 
     caption: str | None = option(None, "Caption for images that have none.", group="data",
                                  none_means="images without a caption are skipped", label="default caption")
@@ -79,6 +122,16 @@ class TrainConfig(Settings):
     random_crop: bool = option(False, "Crop a random part of each resized image instead of its center.",
                                group="data", off_flag="--center-crop", label="random crop")
     flip: bool = option(False, "Mirror each image left-right at random.", group="data", label="random flip")
+    trigger_word: str | None = option(None, "A word put at the start of every training caption (and of the "
+                                      "default sample prompts): the word that calls up what was learnt.",
+                                      group="data", none_means="captions as written", label="trigger word")
+    caption_dropout_rate: float = option(0.0, "Share of training captions replaced by an empty one, so the adapter "
+                                         "also learns the unprompted look (0.05 to 0.1 is usual).", group="data",
+                                         minimum=0, maximum=1, label="caption dropout")
+    shuffle_caption: bool = option(False, "Shuffle the comma-separated tags of each caption every time it is "
+                                   "drawn (for tag captions).", group="data", label="shuffle tags")
+    keep_tokens: int = option(0, "With shuffled tags: keep this many leading tags in place.", group="data",
+                              minimum=0, label="keep first tags")
 
     sample_prompts: tuple[str, ...] = option((), "Prompts for the base-vs-adapted images; empty: the first two "
                                              "training captions.", group="sampling", label="sample prompts")
@@ -88,6 +141,10 @@ class TrainConfig(Settings):
                                label="sample steps")
     guidance_scale: float = option(5.0, "Classifier-free guidance of the sample images.", group="sampling",
                                    minimum=0, label="guidance scale")
+    sample_every: int | None = option(None, "While training, render the sample prompts and seeds every this many "
+                                      "steps (and before the first and after the last) into samples/ in the run "
+                                      "folder.", group="sampling", minimum=1, none_means="no samples while "
+                                      "training", label="sample every")
 
     vae: str | None = option(None, "A VAE to use instead of the base model's (folder, file or hub id); it runs in "
                              "float32.", none_means="the base model's", label="VAE")
@@ -104,10 +161,16 @@ class TrainConfig(Settings):
                                  "(inductor is fastest; the first step waits minutes for the compiler).",
                                  none_means="no compilation", label="compile backend")
     device: str | None = option(None, "Torch device, e.g. cuda:1.", none_means="cuda when available, else cpu")
+    log_with: LogWith = option("auto", "Where the loss, learning rate and samples are logged besides losses.csv.",
+                               choice_help=("TensorBoard when it is installed (opdiff[tensorboard]).",
+                                            "TensorBoard event files in tensorboard/ of the run folder.",
+                                            "losses.csv only."), label="log with")
     checkpoint_every: int | None = option(None, "Save a resumable checkpoint every this many steps (always at the "
                                           "end).", minimum=1, none_means="only at the end", label="checkpoint every")
 
     def __init__(self, adapter: AdapterConfig | None = None, **values: Any) -> None:
+        if adapter is None and values.get("preset") is not None:  # from code: the preset under the values given
+            values = {**presets.settings(values["preset"]), **values}
         adapter_names = {s.name for s in AdapterConfig.settings()}
         flat = {k: values.pop(k) for k in list(values) if k in adapter_names}
         if adapter is None:
@@ -122,6 +185,13 @@ class TrainConfig(Settings):
             raise TypeError(f"unknown setting(s): {', '.join(sorted(values))}")
         self.__post_init__()
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "") -> TrainConfig:
+        """Build the config from flat settings (see `Settings.from_dict`), over the named `preset`'s settings."""
+        if values.get("preset") is not None:
+            values = {**presets.settings(str(values["preset"])), **values}
+        return super().from_dict(values, source=source)
+
     def __post_init__(self) -> None:
         for s in self.settings():
             if s.name in self.__dict__ and s.name != "adapter":
@@ -130,6 +200,9 @@ class TrainConfig(Settings):
         if self.resolution is not None and self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
         _check_compile(self.compile)
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            raise ValueError("lr_warmup_steps needs a schedule with a warm-up; the constant schedule has none: use "
+                             "--lr-scheduler constant_with_warmup (or another)")
 
     @property
     def method(self) -> str:

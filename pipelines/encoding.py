@@ -69,13 +69,15 @@ def encode_caption(pipe: StableDiffusionXLPipeline, caption: str) -> tuple[torch
     return embeds[0].cpu(), pooled[0].cpu()
 
 
-def encode_batch(pipe: StableDiffusionXLPipeline, examples: list[Example], views: list[View]) -> Encoded:
+def encode_batch(pipe: StableDiffusionXLPipeline, examples: list[Example], views: list[View],
+                 captions: list[str] | None = None) -> Encoded:
     """Return the U-Net inputs of `views` of `examples` (one view per example), encoded now: the uncached path.
 
-    Images are encoded one at a time, as the cache does, so both paths give the same numbers.
+    `captions` replace the examples' own (e.g. augmented ones). Images are encoded one at a time, as the cache
+    does, so both paths give the same numbers.
     """
     latents = [encode_image(pipe, ex.path, v) for ex, v in zip(examples, views, strict=True)]
-    texts = [encode_caption(pipe, ex.caption) for ex in examples]
+    texts = [encode_caption(pipe, c) for c in (captions or [ex.caption for ex in examples])]
     time_ids = torch.tensor([v.time_ids() for v in views], dtype=torch.float32)  # (N, 6)
     return Encoded(torch.stack(latents), torch.stack([e for e, _ in texts]), torch.stack([p for _, p in texts]),
                    time_ids)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from metrics import ClipEmbedder, ClipWeightsMissing, cmmd
 from metrics.clip import IMAGE_EXTENSIONS, REFERENCE_MODEL
 from opdiff.settings import Settings, option
+from pipelines.captions import CaptionRules
 from pipelines.config import REPO_ROOT
 from pipelines.data import scan_dataset
 from pipelines.model import default_device, load_pipeline
@@ -191,7 +192,8 @@ def evaluate_run(cfg: EvalConfig, embedder: ClipEmbedder) -> dict:
     if dataset.hash != config["dataset"]["hash"]:
         log.warning("dataset %s changed since the run trained on it; scoring against its current images",
                     config["dataset"]["path"])
-    captions = [ex.caption for ex in dataset.examples][: cfg.limit]
+    rules = CaptionRules(trigger_word=settings.get("trigger_word"))  # prompted as the adapter was trained
+    captions = [rules.fixed(ex.caption) for ex in dataset.examples][: cfg.limit]
     steps = cfg.steps or settings["sample_steps"]
     run.cmmd.unlink(missing_ok=True)  # the images it described are about to be replaced
     guidance_scale = settings["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale

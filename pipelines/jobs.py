@@ -73,6 +73,8 @@ class JobStatus:
     """(step, loss) for every step so far (of a resumed run: its earlier steps too)."""
     events: tuple[dict, ...] = ()
     """What the method did so far (`Method.after_step`: e.g. LoRA-Over's matrices given MPO cores)."""
+    previews: tuple[tuple[int, str], ...] = ()
+    """(step, grid image path) of the samples rendered while training (`sample_every`), step 0 the base."""
     error: str | None = None
 
     @property
@@ -93,6 +95,7 @@ class JobStatus:
             "it_s": self.it_s,
             "eta_s": self.eta_s,
             "events": len(self.events),
+            "previews": [path for _, path in self.previews],
             "error": self.error,
         }
 
@@ -108,6 +111,7 @@ class TrainingJobs:
         self._status = JobStatus()
         self._losses: list[tuple[int, float]] = []
         self._events: list[dict] = []
+        self._previews: list[tuple[int, str]] = []
 
     def start(self, cfg: TrainConfig) -> JobStatus:
         """Start training `cfg` in the background and return the first status.
@@ -128,6 +132,7 @@ class TrainingJobs:
             run = RunDir(cfg.output_dir)
             self._losses = run.read_losses() if cfg.resume is not None else []
             self._events = run.read_events() if cfg.resume is not None else []
+            self._previews = [(step, str(path)) for step, path in run.sample_grids()] if cfg.resume is not None else []
             self._status = JobStatus("starting", run_dir=cfg.output_dir, method=cfg.method, total=cfg.max_steps or 0,
                                      step=len(self._losses))
             threading.Thread(target=self._run, args=(cfg,), name="opdiff-train", daemon=True).start()
@@ -144,10 +149,14 @@ class TrainingJobs:
     def status(self) -> JobStatus:
         """Return the current snapshot (the last run's final state once it has ended)."""
         with self._lock:  # the per-step lists are copied here, once per poll, not once per step
-            return replace(self._status, losses=tuple(self._losses), events=tuple(self._events))
+            return replace(self._status, losses=tuple(self._losses), events=tuple(self._events),
+                           previews=tuple(self._previews))
 
     def _on_event(self, event: dict) -> None:
         with self._lock:
+            if "samples" in event:  # a sample grid rendered while training, not a step
+                self._previews.append((event["step"], event["samples"]))
+                return
             self._losses.append((event["step"], event["loss"]))
             self._events += event.get("events", [])
             self._status = replace(

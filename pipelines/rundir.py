@@ -8,6 +8,8 @@
       events.json                    what the method did while training (e.g. matrices given MPO cores)
       lora.safetensors, lora_kohya.safetensors   the collapsed LoRA (written at the end)
       samples.png                    base vs adapted grid
+      samples/step-000100.png        samples while training (`sample_every`): step 0 is the base
+      tensorboard/                   TensorBoard event files (loss, smoothed loss, lr, samples)
       cmmd.json, eval/               `opdiff eval`'s score and images
       dataset/                       a zip dataset, extracted
 
@@ -54,6 +56,8 @@ class RunDir:
     GRID = "samples.png"
     EVAL = "eval"
     DATASET = "dataset"
+    SAMPLES = "samples"
+    TENSORBOARD = "tensorboard"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -79,6 +83,18 @@ class RunDir:
     grid = property(lambda self: self.path / self.GRID)
     eval_dir = property(lambda self: self.path / self.EVAL)
     dataset_dir = property(lambda self: self.path / self.DATASET)
+    samples_dir = property(lambda self: self.path / self.SAMPLES)
+    tensorboard_dir = property(lambda self: self.path / self.TENSORBOARD)
+
+    def sample_grid(self, step: int) -> Path:
+        """The grid of the samples rendered after optimizer step `step` (0: before training, the base)."""
+        return self.samples_dir / f"step-{step:06d}.png"
+
+    def sample_grids(self) -> list[tuple[int, Path]]:
+        """(step, grid) of every sample grid rendered while training, by step."""
+        grids = [(int(p.stem.removeprefix("step-")), p) for p in self.samples_dir.glob("step-*.png")
+                 if p.stem.removeprefix("step-").isdigit()]
+        return sorted(grids)
 
     def is_run(self) -> bool:
         """True when the folder holds a run's config.json."""

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -26,15 +26,21 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from tqdm.auto import tqdm
 
 import opdiff
+from pipelines.captions import CaptionRules
 from pipelines.checkpoint import Checkpoint, check_resumable, run_config, save_checkpoint
 from pipelines.config import TrainConfig
 from pipelines.data import Dataset, scan_dataset
 from pipelines.distributed import Ranks
 from pipelines.encoding import native_resolution
 from pipelines.export import export
+from pipelines.logging_tb import TrainLog, check_logging
+from pipelines.memory import estimate_memory
 from pipelines.model import default_device, load_pipeline
+from pipelines.optimizers import build_optimizer, check_optimizer
+from pipelines.previews import Previews
 from pipelines.rundir import RunDir
-from pipelines.step import Trainer, adamw, diffusion_loss
+from pipelines.schedule import check_resumed_length, lr_schedule
+from pipelines.step import Part, Trainer, diffusion_loss
 from pipelines.training_data import TrainingData, epoch_batches, probe_batches, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -57,24 +63,32 @@ def train(
     continues a run from its checkpoint. A non-finite loss raises FloatingPointError and keeps the last checkpoint.
     """
     run = RunDir(_run_dir(cfg))
+    device = cfg.device or default_device()
+    check_optimizer(cfg.optimizer, device)  # a missing package or an unsupported device: before any work
+    check_logging(cfg.log_with)
     checkpoint = Checkpoint.load(run) if cfg.resume is not None else None
-    ranks = Ranks.current(cfg.device or default_device())  # several processes: see pipelines.distributed
+    ranks = Ranks.current(device)  # several processes: see pipelines.distributed
     with ranks.main_first():  # a zip is extracted once
         dataset = _scan(cfg, run)  # a bad dataset fails here, before any model loads
     log.info("dataset %s: %d images, %d skipped", cfg.data, len(dataset), len(dataset.skipped))
-    device = cfg.device or default_device()
     autocast_dtype = AUTOCAST_DTYPES.get(cfg.mixed_precision)
     if pipe is None:  # on the CPU: only what is needed goes to the device, and only while needed
         pipe = load_pipeline(cfg.base, autocast_dtype or torch.float32, device="cpu", vae=cfg.vae)
+    prompts = cfg.sample_prompts or tuple(CaptionRules.of(cfg).fixed(ex.caption) for ex in dataset.examples[:2])
     cfg = replace(cfg, output_dir=run.path, resume=None, resolution=cfg.resolution or native_resolution(pipe),
-                  device=device, sample_prompts=cfg.sample_prompts or tuple(ex.caption for ex in dataset.examples[:2]))
+                  device=device, sample_prompts=prompts)
     config = run_config(cfg, dataset)
     if checkpoint is not None:
         check_resumable(checkpoint.config, config, run)
     run.path.mkdir(parents=True, exist_ok=True)
     with ranks.main_first():  # a disk cache is filled once, then read by the other processes
         data = TrainingData(pipe, dataset, cfg, device)
-    trainer = _trainer(pipe, cfg, data, device, autocast_dtype, ranks, checkpoint)
+    global_batch = cfg.batch_size * ranks.world * cfg.gradient_accumulation_steps  # batch_size: per process and part
+    per_epoch = steps_per_epoch(data.buckets, global_batch)
+    total = cfg.max_steps or cfg.epochs * per_epoch
+    if checkpoint is not None:
+        check_resumed_length(cfg, checkpoint.config.get("schedule", {}).get("total_steps"), total)
+    trainer = _trainer(pipe, cfg, data, device, autocast_dtype, ranks, checkpoint, total)
     rng = torch.Generator().manual_seed(cfg.seed)  # views, noise and timesteps; CPU so runs match anywhere
     losses, events, done = [], [], 0
     if checkpoint is not None:
@@ -82,30 +96,38 @@ def train(
         torch.set_rng_state(checkpoint.rng["torch"])
         losses, events, done = checkpoint.losses, checkpoint.events, checkpoint.step
         log.info("resuming %s at step %d", run.path, done)
-    global_batch = cfg.batch_size * ranks.world  # cfg.batch_size is per process
-    per_epoch = steps_per_epoch(data.buckets, global_batch)
-    total = cfg.max_steps or cfg.epochs * per_epoch
     method = opdiff.method_of(trainer.unet)
     if (warning := method.schedule_warning(cfg.adapter, total)) and ranks.main:
         log.warning(warning)
     config["schedule"] = {"steps_per_epoch": per_epoch, "total_steps": total}  # the export's epoch counts
     if ranks.main:
+        config["memory_estimate"] = _estimate_memory(cfg)
         run.write_config({**config, "method_report": method.report(trainer.unet)})
+    train_log = TrainLog(run, cfg.log_with, losses, write=ranks.main)
+    previews = Previews(pipe, cfg, run, autocast_dtype, device) if cfg.sample_every and ranks.main else None
 
     def save(step: int) -> None:
         if ranks.main:  # one writer; every process holds the same state
-            save_checkpoint(run, step, trainer.unet, trainer.optimizer, trainer.scaler, rng, losses, events, config)
+            save_checkpoint(run, step, trainer.unet, trainer.optimizer, trainer.scaler, rng, losses, events, config,
+                            trainer.schedule)
+
+    def preview(step: int) -> None:
+        path, grid = previews.render(step)
+        train_log.image(step, grid)
+        if on_event is not None:
+            on_event({"step": step, "total": total, "samples": str(path)})
 
     saved, first, start = done, done + 1, time.perf_counter()
     progress = tqdm(total=total, initial=done, desc=f"train {cfg.method}", unit="step", disable=not ranks.main)
-    with _stop_requests(should_stop) as stop_requested:
+    with _stop_requests(should_stop) as stop_requested, closing(train_log):
+        if previews is not None and done == 0:
+            preview(0)  # the base, before any step
         for step in range(done + 1, total + 1):
             if ranks.any(stop_requested()):  # every process stops at the same step
                 break
-            batch = _draw(data, epoch_batches(data.buckets, global_batch, cfg.seed, (step - 1) // per_epoch)
-                          [(step - 1) % per_epoch], rng, trainer, ranks, cfg.batch_size, device)
+            index = epoch_batches(data.buckets, global_batch, cfg.seed, (step - 1) // per_epoch)[(step - 1) % per_epoch]
             try:
-                loss, new = trainer.step(step, *batch)
+                loss, new = trainer.accumulated_step(step, _draw(data, index, step, rng, trainer, ranks, cfg))
             except FloatingPointError as e:
                 kept = f"its last checkpoint (step {saved}) is kept in {run.path}" if saved else "nothing was saved"
                 raise FloatingPointError(f"{e}: the run stopped and {kept}; lower --lr or use --mixed-precision no"
@@ -115,10 +137,13 @@ def train(
             done = step
             progress.update()
             progress.set_postfix(loss=f"{loss:.4f}")
+            logged = train_log.step(step, loss, trainer.rates, trainer.grad_norm)
             if on_event is not None and ranks.main:
                 it_s = (step - first + 1) / (time.perf_counter() - start)
                 on_event({"step": step, "total": total, "loss": loss, "it_s": it_s, "eta_s": (total - step) / it_s,
-                          "events": new})
+                          **logged, "events": new})
+            if previews is not None and previews.due(step, total):
+                preview(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                 save(step)
                 saved = step
@@ -127,37 +152,49 @@ def train(
     return run.path
 
 
-def _draw(data: TrainingData, index: list[int], rng: torch.Generator, trainer: Trainer, ranks: Ranks,
-          batch_size: int, device: str) -> tuple:
-    """This step's (batch, noise, timesteps, share) for this process from the global batch `index`.
+def _draw(data: TrainingData, index: list[int], step: int, rng: torch.Generator, trainer: Trainer, ranks: Ranks,
+          cfg: TrainConfig) -> list[Part]:
+    """This step's parts (batch, noise, timesteps, share) for this process from the global batch `index`.
 
-    Every process draws the global batch's views, noise and timesteps from the shared generator, then trains on
-    its slice: the same numbers as one process with the whole batch.
+    Every process draws the global batch's views, captions, noise and timesteps from the shared seed, then trains
+    on its slice of each of the (up to) `gradient_accumulation_steps` parts: the same numbers as one process with
+    the whole batch at once.
     """
-    views = data.views(index, rng)
-    local = ranks.local(list(range(len(index))), batch_size)
-    batch = data.batch([index[i] for i in local], [views[i] for i in local]) if local else None
-    shape = batch.latents.shape[1:] if batch is not None else data.latent_shape(index[0])
+    views, captions = data.views(index, rng), data.captions(index, step)
+    shape = data.latent_shape(index[0])  # one bucket per batch
     noise = torch.randn((len(index), *shape), generator=rng)  # (global B, 4, h, w)
     timesteps = torch.randint(0, trainer.noise_scheduler.config.num_train_timesteps, (len(index),), generator=rng)
-    share = len(local) * ranks.world / len(index)
-    return batch, noise[local].to(device), timesteps[local].to(device), share
+    if cfg.noise_offset:  # one constant per image and channel, as diffusers' --noise_offset; drawn last, so a run
+        noise += cfg.noise_offset * torch.randn((len(index), shape[0], 1, 1), generator=rng)  # without it is as before
+    per_part, parts = cfg.batch_size * ranks.world, []
+    for begin in range(0, len(index), per_part):
+        local = [begin + i for i in ranks.local(range(per_part), cfg.batch_size) if begin + i < len(index)]
+        batch = data.batch([index[i] for i in local], [views[i] for i in local],
+                           [captions[i] for i in local]) if local else None
+        parts.append(Part(batch, noise[local].to(cfg.device), timesteps[local].to(cfg.device),
+                          len(local) * ranks.world / len(index)))
+    return parts
 
 
 def _trainer(pipe: StableDiffusionXLPipeline, cfg: TrainConfig, data: TrainingData, device: str,
-             autocast_dtype: torch.dtype | None, ranks: Ranks, checkpoint: Checkpoint | None) -> Trainer:
+             autocast_dtype: torch.dtype | None, ranks: Ranks, checkpoint: Checkpoint | None, total: int) -> Trainer:
     """Inject the adapter into the U-Net, restore a checkpoint's state, and return what the steps need."""
     unet = _prepare_unet(pipe.unet, cfg, device)
     if checkpoint is not None:  # before the optimizer: structure a method builds while training must exist first
         opdiff.load_training_state_dict(unet, checkpoint.adapter)
-    optimizer = adamw(opdiff.param_groups(unet, cfg.lr), cfg.weight_decay)
+    optimizer = build_optimizer(cfg.optimizer, opdiff.param_groups(unet, cfg.lr), cfg.weight_decay,
+                                cfg.lr_warmup_steps)
+    schedule = lr_schedule(optimizer, cfg, total)  # before loading: the saved optimizer holds the scheduled rates
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=autocast_dtype is torch.float16)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint.optimizer)
         scaler.load_state_dict(checkpoint.scaler)
+        if checkpoint.scheduler is not None:  # runs from before schedules were constant: nothing to restore
+            schedule.load_state_dict(checkpoint.scheduler)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     trainer = Trainer(unet, optimizer, noise_scheduler, autocast_dtype, scaler, ranks,
-                      forward=torch.compile(unet, backend=cfg.compile) if cfg.compile else None)
+                      forward=torch.compile(unet, backend=cfg.compile) if cfg.compile else None, schedule=schedule,
+                      max_grad_norm=cfg.max_grad_norm, snr_gamma=cfg.snr_gamma)
     probes: list[tuple] = []
 
     @torch.no_grad()
@@ -170,6 +207,20 @@ def _trainer(pipe: StableDiffusionXLPipeline, cfg: TrainConfig, data: TrainingDa
 
     trainer.probe_loss = probe_loss
     return trainer
+
+
+def _estimate_memory(cfg: TrainConfig) -> dict | None:
+    """The run's memory estimate on an accelerator, logged and kept in config.json (`pipelines.memory`); None on
+    the CPU, where building the estimate costs more than it tells."""
+    if torch.device(cfg.device).type == "cpu":
+        return None
+    try:
+        estimate = estimate_memory(cfg)
+    except Exception as e:  # noqa: BLE001 - advice only: a base the estimate cannot read still trains
+        log.warning("no memory estimate (%s: %s)", type(e).__name__, e)
+        return None
+    log.info("%s", estimate.summary())
+    return estimate.to_dict()
 
 
 def _prepare_unet(unet: torch.nn.Module, cfg: TrainConfig, device: str) -> torch.nn.Module:

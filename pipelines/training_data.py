@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +18,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from tqdm.auto import tqdm
 
+from pipelines.captions import CaptionRules
 from pipelines.config import TrainConfig
 from pipelines.data import Dataset, View, bucket_sizes, center_view, crop_region, nearest_bucket
 from pipelines.encoding import (
@@ -35,6 +36,7 @@ from pipelines.model import fingerprint
 log = logging.getLogger(__name__)
 
 UPSCALE_WARNING = 2.0  # images enlarged more than this to fit their bucket are named in the log (blurry input)
+DRAWN_CAPTIONS = 256  # shuffled captions kept encoded (SDXL: 0.6 MB each); older ones are encoded again if drawn
 
 
 class TrainingData:
@@ -46,10 +48,16 @@ class TrainingData:
     once, or read from `cache_dir`, keyed by content, model weights and region; then the VAE and text encoders
     go back to the CPU. A random crop is then a slice of the region's latent: crops lie on the VAE's 8-pixel
     grid. Uncached: each batch is encoded as it is drawn, with the encoders kept on the device.
+
+    Captions follow `CaptionRules` (trigger word, dropout, shuffled tags). Every caption those rules can give
+    without shuffling is encoded with the rest; shuffled tags give new captions all the time, so the text encoders
+    then stay on the device and encode each one when first drawn (kept in a bounded memory cache).
     """
 
     def __init__(self, pipe: StableDiffusionXLPipeline, dataset: Dataset, cfg: TrainConfig, device: str) -> None:
         self.pipe, self.examples, self.device = pipe, dataset.examples, device
+        self.rules, self.seed = CaptionRules.of(cfg), cfg.seed
+        self.drawn: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # shuffled captions
         self.random_crop, self.flip, self.cached = cfg.random_crop, cfg.flip, cfg.cache_latents
         self.grid = pipe.vae_scale_factor
         sizes = bucket_sizes(cfg.resolution) if cfg.buckets else [(cfg.resolution, cfg.resolution)]
@@ -96,16 +104,35 @@ class TrainingData:
         f = self.pipe.vae_scale_factor
         return self.pipe.unet.config.in_channels, height // f, width // f
 
-    def batch(self, index: list[int], views: list[View]) -> Encoded:
-        """Return the U-Net inputs of `views` of the examples at `index`, on the training device."""
+    def captions(self, index: list[int], step: int) -> list[str]:
+        """The captions step `step` trains the global batch `index` on (see `pipelines.captions`)."""
+        return self.rules.step_captions([self.examples[i].caption for i in index], self.seed, step)
+
+    def batch(self, index: list[int], views: list[View], captions: list[str] | None = None) -> Encoded:
+        """Return the U-Net inputs of `views` of the examples at `index` with `captions`, on the training device.
+
+        Captions default to the examples' own with the trigger word (`CaptionRules.fixed`).
+        """
         examples = [self.examples[i] for i in index]
+        captions = captions or [self.rules.fixed(ex.caption) for ex in examples]
         if not self.cached:
-            return encode_batch(self.pipe, examples, views).to(self.device)
+            return encode_batch(self.pipe, examples, views, captions).to(self.device)
         latents = [self._crop(i, v) for i, v in zip(index, views, strict=True)]
-        texts = [self.texts[ex.caption] for ex in examples]
+        texts = [self._text(c) for c in captions]
         time_ids = torch.tensor([v.time_ids() for v in views], dtype=torch.float32)  # (B, 6)
         return Encoded(torch.stack(latents), torch.stack([e for e, _ in texts]), torch.stack([p for _, p in texts]),
                        time_ids).to(self.device)
+
+    def _text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoded caption: from the cache, or encoded now (a shuffled one) and kept while there is room."""
+        if caption in self.texts:
+            return self.texts[caption]
+        if caption not in self.drawn:
+            self.drawn[caption] = encode_caption(self.pipe, caption)
+            if len(self.drawn) > DRAWN_CAPTIONS:
+                self.drawn.popitem(last=False)
+        self.drawn.move_to_end(caption)
+        return self.drawn[caption]
 
     def _crop(self, i: int, view: View) -> torch.Tensor:
         """The latent of `view`: a slice of the cached latent of example i's region (mirrored when flipped)."""
@@ -131,9 +158,11 @@ class TrainingData:
             self._encode_or_read(cache_dir, encoders_ready)
         finally:
             if moved:  # not needed again while training: free the accelerator for the U-Net
-                self._move_encoders("cpu")
+                self._move_encoders("cpu", text=not self.rules.shuffle)
                 if torch.device(self.device).type == "cuda":
                     torch.cuda.empty_cache()
+        if self.rules.shuffle:  # shuffled captions are encoded as they are drawn, on the device
+            self._move_encoders(self.device, vae=False)
 
     def _encode_or_read(self, cache_dir: Path | None, encoders: Callable[[], StableDiffusionXLPipeline]) -> None:
         latents_dir = None if cache_dir is None else Path(cache_dir) / "latents"
@@ -154,7 +183,8 @@ class TrainingData:
             else:
                 hits += 1
             self.latents.append({False: entry["latent"], True: entry.get("flipped")})
-        for caption in dict.fromkeys(ex.caption for ex in self.examples):
+        fixed = [self.rules.fixed(ex.caption) for ex in self.examples]
+        for caption in dict.fromkeys(fixed + ([""] if self.rules.dropout_rate else [])):
             path = cache_entry(texts_dir, "text", caption, text_id)
             entry = cache_read(path)
             if entry is None:
@@ -168,8 +198,8 @@ class TrainingData:
             log.info("latent/text cache %s: %d of %d entries found", cache_dir, hits,
                      len(self.latents) + len(self.texts))
 
-    def _move_encoders(self, device: str) -> None:
-        for module in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
+    def _move_encoders(self, device: str, vae: bool = True, text: bool = True) -> None:
+        for module in [self.pipe.vae] * vae + [self.pipe.text_encoder, self.pipe.text_encoder_2] * text:
             module.to(device)
 
 

@@ -83,3 +83,20 @@ def test_a_two_process_run_resumes_in_one_process(demo_subset, bundled_model, tm
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = train(replace(TrainConfig.from_dict(cfg), resume=run))
     assert len((resumed / "losses.csv").read_text().splitlines()) == 1 + STEPS
+
+
+def test_accumulation_over_two_processes_matches_one_process_with_the_whole_batch(demo_subset, bundled_model,
+                                                                                 tmp_path, single_thread):
+    """2 processes x batch 1 x 2 accumulation steps = 1 process with batch 4."""
+    data = demo_subset(4)
+    two = tmp_path / "two"
+    result = launch(2, {**settings("op-lora", data, bundled_model, two, batch_size=1),
+                        "gradient_accumulation_steps": 2})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = train(TrainConfig.from_dict(settings("op-lora", data, bundled_model, tmp_path / "one", batch_size=4)))
+    a, b = adapter(one), adapter(two)
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a])
+    assert float(diff.norm() / torch.cat([a[k].flatten() for k in a]).norm()) < 1e-5
+    rows = [(run / "losses.csv").read_text().splitlines()[1:] for run in (one, two)]
+    assert [float(r.split(",")[1]) for r in rows[1]] == pytest.approx([float(r.split(",")[1]) for r in rows[0]],
+                                                                      abs=1e-6)

@@ -65,7 +65,8 @@ def test_train_writes_run_files_and_leaves_base_untouched(method, bundled_model,
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert all(0.0 < float(r["loss"]) < 10.0 for r in rows)
     assert [e["step"] for e in events] == [1, 2, 3] and {e["total"] for e in events} == {3}
-    assert set(events[0]) == {"step", "total", "loss", "it_s", "eta_s", "events"} and events[-1]["eta_s"] == 0.0
+    assert set(events[0]) == {"step", "total", "loss", "it_s", "eta_s", "lr", "smoothed_loss", "events"}
+    assert events[-1]["eta_s"] == 0.0 and {e["lr"] for e in events} == {1e-3}
     assert (run_dir / "adapter_training.safetensors").is_file() and (run_dir / "lora.safetensors").is_file()
     if method in SELECTING:
         assert RunDir(run_dir).read_events(), "selection chose nothing"

@@ -177,7 +177,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monke
 def test_checkpoint_holds_everything_to_resume(workdir, uninterrupted):
     checkpoint = _checkpoint(uninterrupted["lora-over-mpor"][0])
     assert set(checkpoint) == {"format", "step", "adapter", "optimizer", "scaler", "rng", "losses", "events",
-                               "config"}
+                               "config", "scheduler"}
+    assert checkpoint["scheduler"]["last_epoch"] == STEPS  # stepped once per optimizer step
     assert checkpoint["step"] == STEPS
     assert any(k.startswith("opdiff.select.") for k in checkpoint["adapter"])  # MPOR's scores and choices
     assert {g["name"] for g in checkpoint["optimizer"]["param_groups"]} == {"adapter", "mpo"}
