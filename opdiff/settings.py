@@ -63,6 +63,9 @@ class Setting:
     """No default: the user must give it."""
     cli: bool = True
     """Offered on the command line (False: set only from code or the GUI)."""
+    absent: Any = None
+    """What a saved config written before this setting existed meant by leaving it out, when that differs from
+    `default` (a new default must not change how an old run resumes); None: the default."""
 
     def __post_init__(self) -> None:
         if self.group not in GROUPS:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import opdiff
-from pipelines.config import RESUME_MAY_CHANGE, TrainConfig
+from pipelines.config import RESUME_MAY_CHANGE, TrainConfig, saved_settings
 from pipelines.data import Dataset
 from pipelines.rundir import RunDir
 
@@ -46,7 +46,8 @@ def run_config(cfg: TrainConfig, dataset: Dataset) -> dict:
 
 def check_resumable(saved: dict, now: dict, run: RunDir) -> None:
     """Raise ValueError naming every setting that differs from the checkpoint's in a way resuming cannot honour."""
-    before, after = {**TrainConfig().to_dict(), **saved["train"]}, now["train"]  # settings newer than the run: default
+    before = {**TrainConfig().to_dict(), **saved_settings(saved["train"])}  # settings newer than the run
+    after = now["train"]
     changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in after.items()
                if k not in RESUME_MAY_CHANGE and before.get(k) != v]
     if saved["dataset"]["hash"] != now["dataset"]["hash"]:

@@ -336,5 +336,11 @@ def resume_config(run_dir: str | Path, **changes: object) -> TrainConfig:
     run = RunDir(run_dir)
     if not run.is_run():
         raise ValueError(f"cannot resume {run.path}: it has no {RunDir.CONFIG} (not a run folder)")
-    values = {**load_config_file(run.config), "output_dir": run.path, **changes, "resume": run.path}
+    values = {**saved_settings(load_config_file(run.config)), "output_dir": run.path, **changes, "resume": run.path}
     return TrainConfig.from_dict(values, source=str(run.config))
+
+
+def saved_settings(values: dict) -> dict:
+    """A run's saved settings with what it meant by a setting newer than it: the setting's `absent` value."""
+    absent = {s.name: s.absent for s in TrainConfig.settings() if s.absent is not None and s.name not in values}
+    return {**absent, **values}

@@ -138,6 +138,15 @@ def test_targets_and_groups():
     assert set(groups) == {"mpo"} and groups["mpo"]["lr"] == 5e-3
 
 
+@pytest.mark.parametrize(("method", "cores"), [("lora-over-svd", 2), ("lora-over-mpo", 3), ("lora-over-mpor", 3)])
+def test_cores_learn_at_lr_over_m_to_the_power_unless_set(method, cores):
+    """No mpo_lr: the cores' rate is lr / m^mpo_lr_power (default 1.5); power 0 is the paper's rate (MPO_LR = LR)."""
+    for power, expected in ((None, 1e-3 / cores**1.5), (0.0, 1e-3), (1.0, 1e-3 / cores)):
+        _, adapted = make(method, **({} if power is None else {"mpo_lr_power": power}))
+        (mpo,) = [g for g in opdiff.param_groups(adapted, lr=1e-3) if g["name"] == "mpo"]
+        assert mpo["lr"] == pytest.approx(expected, rel=1e-12), (power, mpo["lr"])
+
+
 def test_op_lora_generates_once_per_step_in_one_batch_per_shape():
     _, adapted = make("op-lora")
     generators = list(adapted.opdiff.values())

@@ -104,7 +104,7 @@ MPO_LR_POWER = Setting(
     "given: lr / cores^power. 0 trains them at the main rate, as the paper does; the default keeps chains of "
     "several cores stable under Adam at learning rates where LoRA trains.",
     ref="lora-over.txt Tables 4 and 6 (MPO_LR = LR); bench/RESULTS.md, core learning-rate sweep",
-    label="core lr power", minimum=0)
+    label="core lr power", minimum=0, absent=0.0)  # runs from before this setting trained cores at the main lr
 
 
 def core_lr(lr: float, n_cores: int, power: float = 1.5) -> float:
