@@ -38,14 +38,13 @@ def factorize(n: int, m: int) -> tuple[int, ...]:
     return (a, *([1] * (m - 2)), n // a)
 
 
-def bond_dims(i_factors: Sequence[int], j_factors: Sequence[int], max_bond: int | None = None) -> list[int]:
-    """Return the bond dimensions [d_0, ..., d_m] of Eq. 4, each capped at `max_bond` when given.
+def bond_dims(i_factors: Sequence[int], j_factors: Sequence[int]) -> list[int]:
+    """Return the bond dimensions [d_0, ..., d_m] of Eq. 4.
 
     d_k = min(prod_{p<=k} i_p j_p, prod_{p>k} i_p j_p), so d_0 = d_m = 1. These are the largest ranks the k-th
-    unfolding of W can have, so with them the MPO is exact; a smaller `max_bond` truncates (Eq. 11).
+    unfolding of W can have, so with them the MPO is exact (opdiff never truncates: Eq. 11's error is zero).
     """
     i_f, j_f = _check_factors(i_factors, j_factors)
-    _check_max_bond(max_bond)
     sizes = [a * b for a, b in zip(i_f, j_f, strict=True)]
     total = math.prod(sizes)
     dims = []
@@ -54,30 +53,26 @@ def bond_dims(i_factors: Sequence[int], j_factors: Sequence[int], max_bond: int 
         if k > 0:
             left *= sizes[k - 1]
         dims.append(min(left, total // left))
-    if max_bond is not None:
-        dims = [min(d, max_bond) for d in dims]
     return dims
 
 
-def n_add(i_factors: Sequence[int], j_factors: Sequence[int], max_bond: int | None = None) -> int:
+def n_add(i_factors: Sequence[int], j_factors: Sequence[int]) -> int:
     """Return Eq. 6, the parameters the MPO adds over the plain matrix: sum_k i_k j_k d_{k-1} d_k - prod_k i_k j_k.
 
-    Bonds are those of `bond_dims` (Eq. 4, capped at `max_bond`); a strongly truncated MPO gives a negative count.
+    Bonds are those of `bond_dims` (Eq. 4).
     """
     i_f, j_f = _check_factors(i_factors, j_factors)
-    dims = bond_dims(i_f, j_f, max_bond)
+    dims = bond_dims(i_f, j_f)
     cores = sum(a * b * dims[k] * dims[k + 1] for k, (a, b) in enumerate(zip(i_f, j_f, strict=True)))
     return cores - math.prod(i_f) * math.prod(j_f)
 
 
-def decompose(
-    w: Tensor, i_factors: Sequence[int], j_factors: Sequence[int], max_bond: int | None = None
-) -> list[Tensor]:
+def decompose(w: Tensor, i_factors: Sequence[int], j_factors: Sequence[int]) -> list[Tensor]:
     """Return the MPO cores of `w` (I x J), core k shaped (d_{k-1}, i_k, j_k, d_k), in w's dtype and device.
 
     Alg. 1: reshape W so that each core's pair (i_k, j_k) is adjacent, then peel one core off per step with an
-    SVD (Eq. 5), keeping the d_k largest singular values (Eq. 4 bonds, or `max_bond`: the truncated case whose
-    error `truncation_error_bound` bounds, Eq. 11). The SVDs run in float64.
+    SVD (Eq. 5), keeping the d_k largest singular values (the Eq. 4 bonds: all of them, so the MPO is exact). The
+    SVDs run in float64.
 
     Normalization (Alg. 1, last step). Any invertible matrix on a bond can move between its two cores without
     changing the product; we pick the symmetric gauge: at every bond k the product of the cores left of it is
@@ -96,13 +91,12 @@ def decompose(
     core's gradient has another zero core in it). Use `zero_product_cores` to start an MPO at zero.
     """
     i_f, j_f = _check_factors(i_factors, j_factors)
-    _check_max_bond(max_bond)
     m = len(i_f)
-    dims = bond_dims(i_f, j_f, max_bond)
+    dims = bond_dims(i_f, j_f)
     mat = _interleaved(w, i_f, j_f).reshape(1, -1)  # (d_0, i_1 j_1 ... i_m j_m)
 
     # Left-to-right sweep of Alg. 1. After step k, W = U_1 ... U_k (lambda_k V_k^T) with every U an isometry,
-    # so lambda_k are the singular values of W's k-th unfolding (of the truncated chain when max_bond cuts).
+    # so lambda_k are the singular values of W's k-th unfolding.
     isometries: list[Tensor] = []  # U_k: (d_{k-1} i_k j_k, d_k)
     spectra: list[Tensor] = []  # lambda_k: (d_k,)
     lives: list[Tensor] = []  # lambda_k above rounding level: (d_k,) bool
@@ -111,8 +105,7 @@ def decompose(
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)  # Eq. 5
         # The usual numerical-rank tolerance: singular values below it are rounding noise of zero.
         tol = s.max() * max(mat.shape) * torch.finfo(s.dtype).eps
-        # Both sides of the SVD have at least d_k columns/rows (Eq. 4, and max_bond only lowers later bonds),
-        # so slicing to d_k never runs short.
+        # Both sides of the SVD have at least d_k columns/rows (Eq. 4), so slicing to d_k never runs short.
         u, s, vh = u[:, : dims[k + 1]], s[: dims[k + 1]], vh[: dims[k + 1]]
         u, vh = _canonical(u, vh, s > tol)
         isometries.append(u)
@@ -205,27 +198,6 @@ def contract_batched(cores: Sequence[Tensor]) -> Tensor:
     return out.reshape(n, math.prod(i_f), math.prod(j_f))
 
 
-def truncation_error_bound(
-    w: Tensor, i_factors: Sequence[int], j_factors: Sequence[int], max_bond: int | None = None
-) -> float:
-    """Return the Eq. 11 bound on ||W - MPO(W)||_F for bonds capped at `max_bond`: sqrt(sum_k eps_k^2).
-
-    eps_k is the error of the best rank-d_k approximation of W's k-th unfolding (Eq. 10), i.e. the norm of its
-    singular values beyond the d_k largest, k = 1, ..., m-1. Computed from W directly in float64, independently
-    of `decompose`. Without truncation every eps_k is zero (up to rounding).
-    """
-    i_f, j_f = _check_factors(i_factors, j_factors)
-    dims = bond_dims(i_f, j_f, max_bond)
-    t = _interleaved(w, i_f, j_f)  # (i_1 j_1 ... i_m j_m,)
-    eps_sq = 0.0
-    left = 1
-    for k in range(1, len(i_f)):
-        left *= i_f[k - 1] * j_f[k - 1]
-        s = torch.linalg.svdvals(t.reshape(left, -1))  # k-th unfolding (prod_{p<=k} i_p j_p, rest)
-        eps_sq += float(s[dims[k] :].square().sum())
-    return math.sqrt(eps_sq)
-
-
 def zero_product_cores(
     i_factors: Sequence[int],
     j_factors: Sequence[int],
@@ -279,14 +251,6 @@ def _check_cores(cores: Sequence[Tensor]) -> None:
                 f"bond {k + 1} does not match: core {k} ends with {shapes[k][-1]}, core {k + 1} starts with "
                 f"{shapes[k + 1][0]}; core shapes {shapes}"
             )
-
-
-def _check_max_bond(max_bond: int | None) -> None:
-    """Raise ValueError unless `max_bond` is None or a positive integer."""
-    if max_bond is not None and (
-        not isinstance(max_bond, Integral) or isinstance(max_bond, bool) or max_bond < 1
-    ):
-        raise ValueError(f"max_bond must be a positive integer or None, got max_bond={max_bond!r}")
 
 
 def _interleaved(w: Tensor, i_f: tuple[int, ...], j_f: tuple[int, ...]) -> Tensor:

@@ -96,7 +96,6 @@ def test_factorize_rejects_bad_arguments(n, m, match):
 def test_bond_dims_match_eq4_by_hand():
     # prod_{p<=k} i_p j_p = 8, 64; prod_{p>k} = 128, 16  ->  d_1 = min(8, 128), d_2 = min(64, 16)
     assert mpo.bond_dims(I3, J3) == [1, 8, 16, 1]
-    assert mpo.bond_dims(I3, J3, max_bond=10) == [1, 8, 10, 1]
     # Table 7 MPO of (4096, 8): 64 * 2 on the left, 64 * 4 on the right, every middle bond is 128.
     assert mpo.bond_dims((64, *ONES_7, 64), (2, *ONES_7, 4)) == [1] + [128] * 8 + [1]
 
@@ -107,13 +106,6 @@ def test_bond_dims_are_the_ranks_of_a_generic_matrix_unfoldings(rows, cols, i_f,
     w = _rand(rows, cols, seed=rows * cols, dtype=torch.float64)
     ranks = [int(torch.linalg.matrix_rank(_unfolding(w, i_f, j_f, k))) for k in range(len(i_f) + 1)]
     assert mpo.bond_dims(i_f, j_f) == ranks
-
-
-def test_max_bond_one_is_allowed_and_bad_max_bonds_are_rejected_by_bond_dims():
-    assert mpo.bond_dims(I3, J3, max_bond=1) == [1, 1, 1, 1]
-    for bad in (0, 2.5, True):
-        with pytest.raises(ValueError, match="max_bond must be a positive integer"):
-            mpo.bond_dims(I3, J3, max_bond=bad)
 
 
 def test_n_add_matches_eq6_by_hand():
@@ -182,35 +174,6 @@ def test_rank_deficient_matrix_reconstructs(make):
     assert _rel_err(mpo.contract(cores), w) < 1e-5
 
 
-@pytest.mark.parametrize(("i_f", "j_f", "max_bond"), [(I3, J3, 6), (I3, J3, 12), ((8, 8), (8, 8), 16)])
-def test_truncation_obeys_eq11(i_f, j_f, max_bond):
-    w = _rand(math.prod(i_f), math.prod(j_f), seed=4, dtype=torch.float64)
-    cores = mpo.decompose(w, i_f, j_f, max_bond=max_bond)
-    dims = mpo.bond_dims(i_f, j_f, max_bond)
-    assert [c.shape[-1] for c in cores] == dims[1:]
-    err = float((mpo.contract(cores) - w).norm())
-    # eps_k of Eq. 10: the best rank-d_k approximation error of the k-th unfolding.
-    eps = [
-        float(torch.linalg.svdvals(_unfolding(w, i_f, j_f, k))[dims[k] :].norm()) for k in range(1, len(i_f))
-    ]
-    bound = mpo.truncation_error_bound(w, i_f, j_f, max_bond)
-    assert bound == pytest.approx(math.sqrt(sum(e * e for e in eps)), rel=1e-12)
-    assert 0 < max(eps) <= err * (1 + 1e-9)  # the MPO's k-th unfolding has rank <= d_k: err >= eps_k
-    assert err <= bound * (1 + 1e-9)  # Eq. 11
-    if len(i_f) == 2:
-        assert err == pytest.approx(bound, rel=1e-9)  # one bond: truncated SVD is optimal (Eckart-Young)
-    # Truncation really removes parameters, and Eq. 6 with capped bonds counts them.
-    full = sum(c.numel() for c in mpo.decompose(w, i_f, j_f))
-    assert sum(c.numel() for c in cores) == mpo.n_add(i_f, j_f, max_bond) + w.numel() < full
-
-
-def test_untruncated_bound_is_zero_and_large_max_bond_is_exact():
-    w = _rand(32, 32, seed=5, dtype=torch.float64)
-    assert mpo.truncation_error_bound(w, I3, J3) < 1e-12
-    assert mpo.bond_dims(I3, J3, max_bond=1000) == mpo.bond_dims(I3, J3)
-    assert _rel_err(mpo.contract(mpo.decompose(w, I3, J3, max_bond=1000)), w) < 1e-12
-
-
 @pytest.mark.parametrize(("rows", "cols", "i_f", "j_f"), [CASES[0], CASES[2], CASES[5], LLAMA_CASES[3]])
 def test_gradients_reach_every_core(rows, cols, i_f, j_f):
     cores = [c.requires_grad_() for c in mpo.decompose(_rand(rows, cols, seed=6), i_f, j_f)]
@@ -267,35 +230,31 @@ def test_zero_product_cores(i_f, j_f):
 
 
 @pytest.mark.parametrize(
-    ("shape", "i_f", "j_f", "max_bond", "match"),
+    ("shape", "i_f", "j_f", "match"),
     [
-        ((4, 320), (2, 4), (16, 20), None, r"prod\(i_factors\)=8 != rows=4 .*i_factors=\(2, 4\)"),
-        ((4, 320), (2, 2), (16, 21), None, r"prod\(j_factors\)=336 != cols=320 .*j_factors=\(16, 21\)"),
+        ((4, 320), (2, 4), (16, 20), r"prod\(i_factors\)=8 != rows=4 .*i_factors=\(2, 4\)"),
+        ((4, 320), (2, 2), (16, 21), r"prod\(j_factors\)=336 != cols=320 .*j_factors=\(16, 21\)"),
         (
             (4, 320),
             (2, 2),
             (16, 4, 5),
-            None,
             r"i_factors=\(2, 2\) and j_factors=\(16, 4, 5\) must have the same",
         ),
-        ((4, 320), (4,), (320,), None, r"at least 2 cores, got i_factors=\(4,\)"),
+        ((4, 320), (4,), (320,), r"at least 2 cores, got i_factors=\(4,\)"),
         (
             (4, 320),
             (4, 1),
             (0, 320),
-            None,
             r"positive integers, got i_factors=\(4, 1\), j_factors=\(0, 320\)",
         ),
-        ((4, 320), (2, 2), (16, 20), 0, "max_bond must be a positive integer"),
-        ((1280,), (2, 2), (16, 20), None, r"2-D matrix, got \(1280,\)"),
-        ((4, 320), (2.0, 2), (16, 20), None, r"positive integers, got i_factors=\(2.0, 2\)"),
-        ((4, 320), (True, 4), (16, 20), None, r"positive integers, got i_factors=\(True, 4\)"),
-        ((4, 320), (2, 2), (16, 20), 2.5, "max_bond must be a positive integer"),
+        ((1280,), (2, 2), (16, 20), r"2-D matrix, got \(1280,\)"),
+        ((4, 320), (2.0, 2), (16, 20), r"positive integers, got i_factors=\(2.0, 2\)"),
+        ((4, 320), (True, 4), (16, 20), r"positive integers, got i_factors=\(True, 4\)"),
     ],
 )
-def test_decompose_rejects_bad_factors(shape, i_f, j_f, max_bond, match):
+def test_decompose_rejects_bad_factors(shape, i_f, j_f, match):
     with pytest.raises(ValueError, match=match):
-        mpo.decompose(torch.zeros(shape), i_f, j_f, max_bond)
+        mpo.decompose(torch.zeros(shape), i_f, j_f)
 
 
 def test_decompose_rejects_a_non_tensor_by_its_type():
