@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import argparse  # noqa: E402
 import html  # noqa: E402
 import inspect  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 import typing  # noqa: E402
 from dataclasses import replace  # noqa: E402
@@ -58,6 +59,9 @@ CACHE_DIR = "cache"
 """Sub-folder of the output folder where runs keep image latents and caption embeddings for later runs."""
 POLL_SECONDS = 1.0
 THUMBNAIL_PX = 256
+THUMBNAIL_COLUMNS = 8
+THUMBNAIL_ROW_PX = 150
+"""Height of a row of thumbnails on the page, for the gallery's height (up to three rows, then it scrolls)."""
 SAMPLES_SHOWN = 24
 """The newest samples of a run the Train tab shows."""
 SAMPLES_EMPTY = "Samples: none yet (images sampled while training appear here)"
@@ -83,10 +87,11 @@ CSS = """
 .settings { gap: 12px; }
 .settings > * { min-width: min(260px, 100%) !important; }
 .actions { align-items: flex-end; gap: 12px; }
-.actions > button { flex-grow: 0 !important; min-width: 160px !important; }
+.actions > button { flex-grow: 0 !important; min-width: max-content !important; white-space: nowrap; }
 .ref { color: var(--body-text-color-subdued); font-size: var(--text-sm); }
 #compare-grid table { border-collapse: collapse; width: auto; }
-#compare-grid th, #compare-grid td { padding: 4px; vertical-align: top; text-align: left; }
+#compare-grid th, #compare-grid td { padding: 4px; vertical-align: top; text-align: left;
+                                     border: 1px solid var(--border-color-primary); }
 #compare-grid th { font-weight: 600; max-width: 260px; overflow-wrap: anywhere; }
 #compare-grid img { width: 192px; height: 192px; image-rendering: pixelated; display: block; }
 #compare-grid .scroll { overflow-x: auto; }
@@ -234,11 +239,12 @@ class App:
         the score table.
 
         Returns updates for the dataset on view, the training dataset, the compare, evaluate and export run
-        pickers, the runs list's run picker, the runs table and the score table."""
+        pickers, the runs list's run picker, the runs table, the score table and the chosen run's paragraph."""
         datasets = self.dataset_choices()
         every, exported = self._run_choices()
         names = {value for _, value in exported}
         dataset = dataset if dataset in {v for _, v in datasets} else datasets[0][1]
+        run = run if run in {v for _, v in every} else next(iter(v for _, v in every), None)
         return (
             gr.update(choices=datasets, value=dataset),
             gr.update(choices=datasets, value=dataset),
@@ -246,9 +252,10 @@ class App:
             gr.update(choices=exported, value=[r for r in eval_runs or [] if r in names]),
             gr.update(choices=exported, value=export_run if export_run in names else (exported[0][1] if exported
                                                                                       else None)),
-            gr.update(choices=every, value=run if run in {v for _, v in every} else None),
+            gr.update(choices=every, value=run),
             self.runs_table(),
             self.score_table(),
+            self.describe_run(run),
         )
 
     def _dataset_path(self, value: str | None) -> Path:
@@ -269,9 +276,11 @@ class App:
     # -- 1. Dataset
 
     def _dataset_outputs(self, view: jobs.DatasetView, message: str = "") -> tuple:
-        """Updates for the dataset on view: gallery, captions table, refused files, message, image picker and the
-        next-step button."""
-        gallery = [(_thumbnail(p), caption or "(no caption)") for p, caption in view.rows]
+        """Updates for the dataset on view: gallery, captions table, refused files, message, image picker, the
+        next-step button and the refused files' fold (open when there are any)."""
+        rows = min(3, math.ceil(len(view.rows) / THUMBNAIL_COLUMNS)) or 1  # then it scrolls
+        gallery = gr.update(value=[(_thumbnail(p), caption or "(no caption)") for p, caption in view.rows],
+                            height=rows * THUMBNAIL_ROW_PX + 40)
         table = [[p.name, caption] for p, caption in view.rows]
         name = BUNDLED_LABEL if view.root == BUNDLED_DATA.resolve() else view.name
         summary = f"**{html.escape(name)}**: {len(view.rows)} image(s)."
@@ -284,7 +293,7 @@ class App:
         names = [p.name for p, _ in view.rows]
         return (gallery, table, [list(r) for r in view.skipped] or None, text,
                 gr.update(choices=names, value=names[0] if names else None),
-                gr.update(visible=bool(view.rows)))
+                gr.update(visible=bool(view.rows)), gr.update(open=bool(view.skipped)))
 
     def _open(self, path: Path) -> jobs.DatasetView:
         try:
@@ -317,12 +326,16 @@ class App:
         if not files:
             raise gr.Error("choose images (with .txt captions) or a .zip first")
         path = self._dataset_path(dataset)
-        if path == BUNDLED_DATA.resolve():
+        created = path == BUNDLED_DATA.resolve()
+        if created:
             path = jobs.create_dataset(self.datasets_dir, (name or "").strip() or self._free_name())
         try:
             view = jobs.add_files(path, files)
         except jobs.UploadRejected as e:
             gr.Warning(str(e))
+            if created:  # no empty dataset is left behind
+                jobs.delete_dataset(path)
+                path = BUNDLED_DATA.resolve()
             message = "**Nothing was added.** The files and the reasons are listed under *Files not used*."
             view = replace(self._open(path), skipped=e.skipped)
             return (*self._picked(path), None, *self._dataset_outputs(view, message))
@@ -349,7 +362,7 @@ class App:
     def delete_dataset(self, dataset: str | None) -> tuple:
         """Delete the dataset on view with its images; refused while a run trains on it."""
         if dataset == CANCELLED:
-            return tuple(gr.update() for _ in range(8))
+            return tuple(gr.update() for _ in range(9))
         path = self._writable(self._dataset_path(dataset))
         status = self.jobs.status()
         in_use = Path(status.settings["data"]) if status.running and status.settings else None
@@ -477,9 +490,7 @@ class App:
         """The training status the page shows: progress line, loss curves, the method's log, raw status, the
         buttons, the newest samples (sent only when they changed since `shown`) and the next-step button."""
         status = self.jobs.status()
-        # Typed even when empty: the plot fixes its axes' kind (numbers, not categories) from the first value.
-        curves = pd.DataFrame(jobs.loss_curves(status.losses), columns=["step", "loss", "line"]).astype(
-            {"step": int, "loss": float, "line": str})
+        curves = _curves(status.losses)
         events = pd.DataFrame(list(status.events))
         samples = RunDir(status.run_dir).list_samples()[::-1][:SAMPLES_SHOWN] if status.run_dir else []
         names = [str(p) for p in samples]
@@ -506,12 +517,17 @@ class App:
 
     # -- 3. Results: runs
 
+    def to_results(self, *selections: str | list[str] | None) -> tuple:
+        """Training's next step: the Results step on its runs list, with fresh lists (`refresh`'s)."""
+        return gr.Tabs(selected="results"), gr.Tabs(selected="runs"), *self.refresh(*selections)
+
     def runs_table(self) -> pd.DataFrame:
         """Every run: method, dataset, steps, state and latest CMMD."""
-        rows = []
+        rows, status = [], self.jobs.status()
         for r in jobs.list_runs(self.output_dir, self.jobs.training_dir()):
             score = f"{r.cmmd['cmmd']:.3f}" if r.cmmd else "-"
-            rows.append([r.name, r.method, r.dataset, f"{r.steps} / {r.total}", r.state, score, r.updated])
+            steps = status.step if r.state == "training" else r.steps  # the files have the last checkpoint's
+            rows.append([r.name, r.method, r.dataset, f"{steps} / {r.total}", r.state, score, r.updated])
         return pd.DataFrame(rows, columns=["run", "method", "dataset", "steps", "state", "CMMD", "updated"])
 
     def run_selected(self, table: pd.DataFrame, evt: gr.SelectData) -> str | None:
@@ -522,11 +538,13 @@ class App:
     def describe_run(self, run: str | None) -> str:
         """One paragraph on the chosen run: what it trained, its state and what can be done with it."""
         if not run:
-            return "Choose a run in the table or the list."
+            return "No run yet: train one in step 2." if not self._run_choices()[0] else "Choose a run."
         info = next((r for r in jobs.list_runs(self.output_dir, self.jobs.training_dir()) if r.name == run), None)
         if info is None:
             raise gr.Error(f"no run named {run!r}")
-        text = (f"**{html.escape(info.name)}**: {info.method} on *{html.escape(info.dataset)}*, {info.steps} of "
+        status = self.jobs.status()
+        steps = status.step if info.state == "training" else info.steps
+        text = (f"**{html.escape(info.name)}**: {info.method} on *{html.escape(info.dataset)}*, {steps} of "
                 f"{info.total} steps, {info.state}.")
         if info.error:
             text += f" Error: {html.escape(info.error)}"
@@ -542,7 +560,7 @@ class App:
             jobs.delete_run(self.output_dir, run or "", self.jobs.training_dir())
         except ValueError as e:
             raise gr.Error(str(e)) from e
-        return self.refresh()[2:] + (f"Deleted {html.escape(run or '')}.",)
+        return self.refresh()[2:-1] + (f"Deleted {html.escape(run or '')}.",)
 
     def _run(self, name: str | None) -> Path:
         try:
@@ -610,10 +628,10 @@ class App:
             for c in RunDir(run.path).read_scores():
                 base = c.get("base_cmmd")
                 rows.append([run.name, run.method, _clip_name(c["clip_model"]), c["n_images"], c.get("steps"),
-                             round(c["cmmd"], 4), _round(base), _round(None if base is None else c["cmmd"] - base),
-                             score_note(c["clip_model"], c["trustworthy"])])
+                             _round(c["cmmd"]), _round(base), _round(None if base is None else c["cmmd"] - base),
+                             _short_note(c["clip_model"], c["trustworthy"])])
         return pd.DataFrame(rows, columns=["run", "method", "CLIP", "images", "steps", "CMMD", "base CMMD",
-                                           "CMMD - base", "note"])
+                                           "vs base", "note"])
 
     def evaluate(self, runs: list[str] | None, clip: str = "reference", clip_checkpoint: str | None = None,
                  steps: float | None = None, limit: float | None = None, base_too: bool = True,
@@ -685,8 +703,26 @@ def _thumbnail(path: Path) -> Image.Image:
     return small
 
 
+def _curves(losses: typing.Sequence[tuple[int, float]]) -> pd.DataFrame:
+    """The loss plot's rows: step, loss, line (raw or smoothed).
+
+    Typed even when empty, since the plot fixes its axes' kind (numbers, not categories) from the first value;
+    and never empty, since a plot that starts without a row of each line never draws them (one empty row each).
+    """
+    rows = jobs.loss_curves(losses) or [(0, math.nan, line) for line in ("raw", "smoothed")]
+    return pd.DataFrame(rows, columns=["step", "loss", "line"]).astype({"step": int, "loss": float, "line": str})
+
+
 def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 4)
+    return None if x is None else round(x, 3)
+
+
+def _short_note(clip_model: str, trustworthy: bool) -> str:
+    """`score_note` in a table cell's words: the page explains the CLIP models above the table."""
+    note = score_note(clip_model, trustworthy)
+    if not note or not trustworthy:
+        return note
+    return "not comparable to published CMMD"
 
 
 def _clip_name(model: str) -> str:
@@ -768,32 +804,34 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                                            elem_id="next-train")
                 with gr.Row(elem_classes="actions"):
                     dataset_name = gr.Textbox(label="Name", placeholder="e.g. My cat", elem_id="dataset-name",
-                                              info="For a new dataset, or a new name for the one on view.",
+                                              info="Create: a new dataset of this name. Rename: the one on view.",
                                               min_width=260)
-                    create = gr.Button("Create new dataset", elem_id="create-dataset")
-                    rename = gr.Button("Rename this dataset", elem_id="rename-dataset")
-                    delete = gr.Button("Delete this dataset", variant="stop", elem_id="delete-dataset")
+                    create = gr.Button("Create", elem_id="create-dataset")
+                    rename = gr.Button("Rename", elem_id="rename-dataset")
+                    delete = gr.Button("Delete", variant="stop", elem_id="delete-dataset")
                 upload = gr.File(file_count="multiple", elem_id="upload", height=120,
                                  label=f"Add images to the dataset on view: images with same-name .txt captions, a "
                                        f"metadata.jsonl, or a .zip of either (at most {max_upload_bytes / 2**20:.3g} "
                                        "MB per file)",
                                  file_types=[".png", ".jpg", ".jpeg", ".webp", ".txt", ".jsonl", ".zip"])
                 dataset_message = gr.Markdown(elem_id="dataset-message")
-                gallery = gr.Gallery(label="Images (click one to edit its caption)", columns=8, height=280,
-                                     elem_id="thumbnails", allow_preview=False)
-                with gr.Row(elem_classes="actions"):
-                    image = gr.Dropdown(label="Image", elem_id="image", scale=1, min_width=200, allow_custom_value=True)
-                    caption = gr.Textbox(label="Caption", elem_id="caption", scale=3, min_width=260,
+                gallery = gr.Gallery(label="Images (click one to edit its caption)", columns=THUMBNAIL_COLUMNS, height=190,
+                                     elem_id="thumbnails", allow_preview=False, fit_columns=False)
+                with gr.Row(elem_classes="settings"):
+                    image = gr.Dropdown(label="Image", elem_id="image", scale=1, min_width=200,
+                                        allow_custom_value=True)
+                    caption = gr.Textbox(label="Caption", elem_id="caption", scale=3, min_width=260, lines=2,
                                          info="What the image shows, in the words you will prompt with.")
-                    save_caption = gr.Button("Save caption", elem_id="save-caption")
-                    remove = gr.Button("Remove image", elem_id="remove-image")
+                with gr.Row(elem_classes="actions"):
+                    save_caption = gr.Button("Save caption", elem_id="save-caption", variant="primary")
+                    remove = gr.Button("Remove image from the dataset", elem_id="remove-image")
                 with gr.Accordion("All captions (edit several, then save)", open=False):
                     captions = gr.Dataframe(headers=["file", "caption"], type="array", interactive=True, wrap=True,
                                             static_columns=[0], show_label=False, elem_id="captions")
                     save_button = gr.Button("Save captions", elem_id="save-captions")
-                with gr.Accordion("Files not used", open=False):
+                with gr.Accordion("Files not used", open=False) as not_used:
                     rejected = gr.Dataframe(headers=["file", "reason"], type="array", interactive=False, wrap=True,
-                                            show_label=False, elem_id="rejected")
+                                            show_label=False, elem_id="rejected", column_widths=["30%", "70%"])
 
             # ------------------------------------------------------------------ 2. Train
             with gr.Tab("2. Train", id="train") as train_tab:
@@ -803,11 +841,11 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                     next_results = gr.Button("Next: 3. Results", variant="primary", visible=False,
                                              elem_id="next-results")
                 with gr.Row(elem_classes="settings", visible=False) as live:
-                    loss_plot = gr.LinePlot(x="step", y="loss", color="line", title="Training loss", height=240,
+                    loss_plot = gr.LinePlot(_curves(()), x="step", y="loss", color="line", title="Training loss", height=240,
                                             elem_id="loss-plot", min_width=360,
                                             color_map={"raw": "#b0b7c3", "smoothed": "#e4572e"})
                     samples = gr.Gallery(label=SAMPLES_EMPTY, columns=4, height=240, elem_id="samples", min_width=360,
-                                         allow_preview=True)
+                                         allow_preview=True, preview=False, fit_columns=False)
                 samples_shown = gr.State(None)
                 selections = gr.Dataframe(label="What the method did", visible=False, interactive=False,
                                           elem_id="method-events")
@@ -833,7 +871,7 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                         with gr.Row(elem_classes="settings"):
                             for s in members:
                                 if s.name == "data":  # the dataset picker: the named datasets and the bundled one
-                                    form["data"] = gr.Dropdown(label="dataset (the one on view in step 1)",
+                                    form["data"] = gr.Dropdown(label="Dataset (the one on view in step 1)",
                                                                info=_info(s), allow_custom_value=True,
                                                                elem_id="field-data", min_width=260)
                                 else:
@@ -846,13 +884,14 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
             # ------------------------------------------------------------------ 3. Results
             with gr.Tab("3. Results", id="results") as results_tab:
                 with gr.Tabs(elem_id="results-tabs") as results:
-                    with gr.Tab("Runs", id="runs") as runs_tab:
-                        runs = gr.Dataframe(interactive=False, wrap=True, elem_id="runs", show_label=False)
+                    with gr.Tab("Runs", id="runs"):
+                        runs = gr.Dataframe(interactive=False, wrap=True, elem_id="runs", show_label=False,
+                                            column_widths=["25%", "11%", "12%", "14%", "13%", "9%", "16%"])
                         with gr.Row(equal_height=True, elem_classes="settings"):
                             run_pick = gr.Dropdown(label="Run", allow_custom_value=True, scale=2, elem_id="run-pick")
                             more_steps = gr.Number(None, label="Train up to (steps)", precision=0,
                                                    elem_id="more-steps",
-                                                   info="For Continue: steps in all; empty: the run's own.")
+                                                   info="For Continue: steps in all; 0 or empty: the run's own.")
                         run_about = gr.Markdown(elem_id="run-about")
                         with gr.Row(elem_classes="actions"):
                             continue_run = gr.Button("Continue training", elem_id="continue-run")
@@ -860,7 +899,7 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                             to_export = gr.Button("Export", elem_id="to-export")
                             delete_run = gr.Button("Delete run", variant="stop", elem_id="delete-run")
 
-                    with gr.Tab("Compare", id="compare") as compare_tab:
+                    with gr.Tab("Compare", id="compare"):
                         gr.Markdown("The base model and each chosen run's LoRA file, on the same prompts, seeds and "
                                     "starting noise: one column per model, one row per prompt and seed.")
                         with gr.Row(elem_classes="settings"):
@@ -899,10 +938,12 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                                                    info="Gives the difference column; doubles the images made.")
                         eval_button = gr.Button("Evaluate", variant="primary", elem_id="evaluate")
                         eval_message = gr.Markdown(elem_id="eval-message")
-                        gr.Markdown(CMMD_HOW_TO_READ + " Each score is kept per CLIP, image count and steps.")
-                        scores = gr.Dataframe(label="Scores", interactive=False, wrap=True, elem_id="scores")
+                        gr.Markdown(CMMD_HOW_TO_READ + " *vs base* is the run's CMMD minus the base model's. "
+                                    "Each score is kept per CLIP, image count and steps.")
+                        scores = gr.Dataframe(label="Scores", interactive=False, wrap=True, elem_id="scores",
+                                              column_widths=["20%", "9%", "13%", "8%", "7%", "8%", "8%", "8%", "19%"])
 
-                    with gr.Tab("Export", id="export") as export_tab:
+                    with gr.Tab("Export", id="export"):
                         gr.Markdown("The adapter collapsed into LoRA files. **diffusers**: one file for "
                                     "`pipe.load_lora_weights`. **kohya**: the file(s) for ComfyUI, AUTOMATIC1111, "
                                     "Forge and sd-scripts (DoRA methods get one per program family, since they "
@@ -919,7 +960,7 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
 
         # ---------------------------------------------------------------------- events
         data_pickers = [view_dataset, form["data"]]
-        dataset_outputs = [gallery, captions, rejected, dataset_message, image, next_train]
+        dataset_outputs = [gallery, captions, rejected, dataset_message, image, next_train, not_used]
         create.click(app.create_dataset, dataset_name, [*data_pickers, dataset_name, *dataset_outputs],
                      api_name="create_dataset")
         upload.upload(app.add_files, [view_dataset, upload, dataset_name], [*data_pickers, upload, *dataset_outputs],
@@ -937,7 +978,7 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
         save_caption.click(app.save_caption, [view_dataset, image, caption], dataset_outputs, api_name="save_caption")
         remove.click(app.remove_images, [view_dataset, image], dataset_outputs, api_name="remove_images")
         save_button.click(app.save_captions, [view_dataset, captions], dataset_outputs, api_name="save_captions")
-        next_train.click(lambda: gr.Tabs(selected="train"), outputs=steps, api_name="go_train")
+        next_train.click(_to_train, outputs=steps, api_name="go_train")
 
         preset_outputs = [form[s.name] for s in settings] + [method_about, preset_about]
         preset.input(app.apply_preset, preset, preset_outputs, api_name="apply_preset")
@@ -950,13 +991,11 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                     api_name="start_training", js="(...args) => { window.scrollTo({top: 0}); return args; }")
         stop.click(app.stop_training, outputs=status_outputs, api_name="stop_training")
         timer.tick(app.poll, samples_shown, status_outputs, api_name="status", show_progress="hidden")
-        next_results.click(lambda: (gr.Tabs(selected="results"), gr.Tabs(selected="runs")),
-                           outputs=[steps, results], api_name="go_results")
 
         run_pick.change(app.describe_run, run_pick, run_about, api_name="describe_run")
         runs.select(app.run_selected, runs, run_pick, api_name="run_selected")
         continue_run.click(app.resume_training, [run_pick, more_steps], status_outputs, api_name="resume_training"
-                           ).success(lambda: gr.Tabs(selected="train"), outputs=steps, api_name="go_train_after_resume")
+                           ).success(_to_train, outputs=steps, api_name="go_train_after_resume")
         to_compare.click(_to_compare, run_pick, [compare_runs, results], api_name="compare_run")
         to_export.click(_to_export, run_pick, [export_run, results], api_name="export_run")
         list_outputs = [compare_runs, eval_runs, export_run, run_pick, runs, scores]
@@ -971,7 +1010,7 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
         export_button.click(app.export_lora, [export_run, fmt, dtype], [export_files, usage], api_name="export")
 
         list_inputs = [view_dataset, compare_runs, eval_runs, export_run, run_pick]
-        lists = [view_dataset, form["data"], *list_outputs]
+        lists = [view_dataset, form["data"], *list_outputs, run_about]
         demo.load(app.refresh, list_inputs, lists, api_name="refresh").then(
             app.restore_form, outputs=[*(form[s.name] for s in settings), method_about, view_dataset],
             api_name="restore_form").then(
@@ -979,14 +1018,20 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
         demo.load(app.presets, outputs=[preset, preset_about], api_name="presets")
         demo.load(app.poll, samples_shown, status_outputs, api_name="status_on_load")
         demo.load(app.clip_status, outputs=[clip_note, clip], api_name="clip_status_on_load")
-        for tab in (dataset_tab, train_tab, results_tab, runs_tab, compare_tab, evaluate_tab, export_tab):
+        for tab in (dataset_tab, train_tab, results_tab):  # sub-tabs share the lists of their step
             tab.select(app.refresh, list_inputs, lists, api_name=f"refresh_{tab.id}")
+        next_results.click(app.to_results, list_inputs, [steps, results, *lists], api_name="go_results")
     return demo
 
 
 def _same(dataset: str | None) -> str | None:
     """The dataset on view is the one training uses: each picker follows the other."""
     return dataset
+
+
+def _to_train() -> gr.Tabs:
+    """The Train step."""
+    return gr.Tabs(selected="train")
 
 
 def _to_compare(run: str | None) -> tuple:

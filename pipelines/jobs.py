@@ -294,7 +294,8 @@ class RunInfo:
     resumable: bool
     """Whether a checkpoint to continue from exists."""
     updated: str
-    """When its settings were last written (at the start and the end of each training session; local time)."""
+    """When its settings were last written (at the start and the end of each training session), as local
+    "month-day hour:minute"."""
     error: str | None = None
     cmmd: dict | None = None
     """The run's latest score (cmmd.json), once it has been evaluated."""
@@ -342,7 +343,7 @@ def list_runs(runs_dir: str | Path, training: Path | None = None) -> list[RunInf
                 state=state,
                 exported=run.lora.is_file(),
                 resumable=run.checkpoint.is_file(),
-                updated=datetime.fromtimestamp(config_path.stat().st_mtime).strftime("%Y-%m-%d %H:%M"),
+                updated=datetime.fromtimestamp(config_path.stat().st_mtime).strftime("%m-%d %H:%M"),
                 error=error,
                 cmmd=run.read_cmmd(),
             ))
@@ -559,7 +560,7 @@ def _add_scanned(view: DatasetView, source: Path, prefix: str, **scan_options: o
 
 def _plain(reason: str) -> str:
     """A refusal reason as a user reads it: no file system paths and no exception names."""
-    reason = re.sub(r"\s*\(\w+(?:Error|Exception|Warning)\b.*\)$", "", reason)  # PIL's "(UnidentifiedImageError: ...)"
+    reason = re.sub(r"\s*\(\w+(?:Error|Exception|Warning)\b.*\)$", "", reason)  # PIL's "(...Error: ...)"
     reason = re.sub(r"\b\w+(?:Error|Exception): ", "", reason)
     reason = re.sub(r"(?:[A-Za-z]:)?[/\\][^\s'\"]*[/\\]([^\s'\"/\\]+)", r"\1", reason)  # /tmp/x/a.png -> a.png
     if reason == "not a readable image":
@@ -575,8 +576,8 @@ def open_dataset(root: str | Path) -> DatasetView:
         raise ValueError(f"dataset {root.name!r} does not exist")
     dataset = scan_dataset(root, allow_empty=True)
     rejected_path = root / REJECTED_FILE
-    rejected = [tuple(r) for r in json.loads(rejected_path.read_text(encoding="utf-8"))] if rejected_path.is_file() else []
-    skipped = rejected + [(n, _plain(r)) for n, r in dataset.skipped]
+    rejected = json.loads(rejected_path.read_text(encoding="utf-8")) if rejected_path.is_file() else []
+    skipped = [tuple(r) for r in rejected] + [(n, _plain(r)) for n, r in dataset.skipped]
     return DatasetView(root, [(ex.path, ex.caption) for ex in dataset.examples], skipped)
 
 
@@ -683,7 +684,7 @@ WHERE_TO_PUT = {
     "a1111": "AUTOMATIC1111: put it in `models/Lora/` and write `<lora:{stem}:{scale}>` in the prompt; any program "
              "that reads plain LoRA files loads it the same way.",
 }
-"""Per exported file kind (`pipelines.export.KINDS`) but diffusers, where a person puts the file; diffusers gets code instead."""
+"""Per exported file kind (`pipelines.export.KINDS`), where a person puts the file; diffusers gets code instead."""
 
 
 def lora_scale(run_dir: str | Path) -> tuple[float, str]:
@@ -705,7 +706,7 @@ def load_snippet(run_dir: str | Path, lora_file: str | Path, scale: float = 1.0)
         "from diffusers import StableDiffusionXLPipeline\n\n"
         f"pipe = StableDiffusionXLPipeline.{loader}({base!r}, dtype=torch.float16).to(\"cuda\")\n"
         f"pipe.load_lora_weights({Path(lora_file).name!r}, adapter_name=\"opdiff\")  # the downloaded file\n"
-        f"pipe.set_adapters(\"opdiff\", adapter_weights={scale:g})  # LoRA scale: {scale:g} = as trained\n"
+        f"pipe.set_adapters(\"opdiff\", adapter_weights={scale})  # LoRA scale: {scale} = as trained\n"
         f"image = pipe({prompt!r}).images[0]\n"
         "image.save(\"sample.png\")\n"
     )

@@ -166,7 +166,8 @@ class RunDir:
         return [latest] if latest is not None else []
 
     def add_score(self, result: dict) -> bool:
-        """Keep `result` in scores.json, replacing a score with the same SCORE_KEY; return whether one was replaced."""
+        """Keep `result` in scores.json, replacing a score with the same SCORE_KEY; return whether it replaced
+        one."""
         key = tuple(result.get(k) for k in self.SCORE_KEY)
         kept = [r for r in self.read_scores() if tuple(r.get(k) for k in self.SCORE_KEY) != key]
         replaced = len(kept) < len(self.read_scores())

@@ -150,7 +150,7 @@ def test_a_named_dataset_takes_uploads_and_lists_refused_files_by_their_names(da
     assert any(label.startswith("Shapes (4 images)") for label, _ in view["choices"])
     assert upload is None  # the upload box is cleared after the import
     assert [row[0] for row in table["data"]] == [f"demo_0{i}.png" for i in range(4)]
-    assert all("opdiff style" in row[1] for row in table["data"]) and len(gallery) == 4
+    assert all("opdiff style" in row[1] for row in table["data"]) and len(gallery["value"]) == 4
     reasons = dict(map(tuple, rejected["data"]))
     assert reasons == {"broken.png": "not a readable image: the file is damaged or not a PNG, JPEG or WEBP image",
                        "empty.webp": "empty file (0 bytes)"}
@@ -188,7 +188,8 @@ def test_captions_are_edited_one_by_one_or_in_the_table(client, dataset):
     root = dataset[0][0]["value"]
     assert client.predict(root, "demo_01.png", api_name="/pick_image").startswith("a painting")
     _, table, _, message, _ = client.predict(root, "demo_01.png", "  a fixed caption ", api_name="/save_caption")
-    assert table["data"][1] == ["demo_01.png", "a fixed caption"] and message.startswith("Caption of demo_01.png saved")
+    assert table["data"][1] == ["demo_01.png", "a fixed caption"]
+    assert message.startswith("Caption of demo_01.png saved")
     assert (Path(root) / "demo_01.txt").read_text() == "a fixed caption"
     rows = [list(r) for r in table["data"]]
     rows[0][1] = "  a new caption  "
@@ -359,12 +360,11 @@ def test_evaluate_keeps_a_score_per_clip_images_and_steps_with_the_difference_to
     assert "bundled demo CLIP" in text
     scores, message = client.predict([run.name], "demo", "", 2, 2, True, api_name="/evaluate")
     assert "Scored 1 run(s) with CLIP bundled demo CLIP." == message
-    assert scores["headers"] == ["run", "method", "CLIP", "images", "steps", "CMMD", "base CMMD", "CMMD - base",
-                                 "note"]
+    assert scores["headers"] == ["run", "method", "CLIP", "images", "steps", "CMMD", "base CMMD", "vs base", "note"]
     (row,) = [r for r in scores["data"] if r[0] == run.name]
     assert row[1:5] == ["lora", "bundled demo CLIP", 2, 2] and row[5] >= 0 and row[6] >= 0
-    assert row[7] == pytest.approx(row[5] - row[6], abs=2e-4)
-    assert row[8].startswith("note: the bundled demo CLIP")
+    assert row[7] == pytest.approx(row[5] - row[6], abs=2e-3)
+    assert row[8] == "not comparable to published CMMD"
 
     scores, message = client.predict([run.name], "demo", "", 2, 1, False, api_name="/evaluate")
     assert sorted(r[3] for r in scores["data"] if r[0] == run.name) == [1, 2]  # the other score is kept
@@ -391,7 +391,7 @@ def test_exported_files_load_into_a_fresh_pipeline(client, run, bundled_model):
     # Each file: the programs it is for, then how to use it there, with the LoRA scale.
     assert f"**{diffusers_file.name}**: for diffusers: pipe.load_lora_weights(file); exact." in usage
     assert f"pipe.load_lora_weights('{diffusers_file.name}', adapter_name=\"opdiff\")" in usage
-    assert 'pipe.set_adapters("opdiff", adapter_weights=1)' in usage and "LoRA scale (strength) 1.0" in usage
+    assert 'pipe.set_adapters("opdiff", adapter_weights=1.0)' in usage and "LoRA scale (strength) 1.0" in usage
     assert f"**{kohya_file.name}**: for ComfyUI, AUTOMATIC1111, Forge, sd-scripts" in usage
     assert f"<lora:{kohya_file.stem}:1>" in usage and "ComfyUI/models/loras/" in usage
     files, usage = client.predict(run.name, "kohya", "fp16", api_name="/export")

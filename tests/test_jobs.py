@@ -222,6 +222,6 @@ def test_usage_notes_name_the_programs_the_scale_and_where_files_go(tmp_path):
     text = jobs.usage(tmp_path, files)
     assert "LoRA scale (strength) 1.0" in text and "alpha 4 / rank 8" in text
     assert "pipe.load_lora_weights('run.safetensors', adapter_name=\"opdiff\")" in text
-    assert "adapter_weights=1)" in text and "from_pretrained('stabilityai/stable-diffusion-xl-base-1.0'" in text
+    assert "adapter_weights=1.0)" in text and "from_pretrained('stabilityai/stable-diffusion-xl-base-1.0'" in text
     assert "`ComfyUI/models/loras/`" in text and "<lora:run_kohya:1>" in text
     assert "**run_kohya.safetensors**: for ComfyUI, ...; exact." in text
