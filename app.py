@@ -85,7 +85,7 @@ CMMD_HOW_TO_READ = ("CMMD measures how far generated images are from your traini
 
 CSS = """
 .settings { gap: 12px; }
-.settings > * { min-width: min(260px, 100%) !important; }
+.settings > *, .settings .form > .block { min-width: min(240px, 100%) !important; }
 .actions { align-items: flex-end; gap: 12px; }
 .actions > button { flex-grow: 0 !important; min-width: max-content !important; white-space: nowrap; }
 .ref { color: var(--body-text-color-subdued); font-size: var(--text-sm); }
@@ -145,7 +145,7 @@ def _choice_labels(s: Setting) -> list[str]:
 def _widget(s: Setting, visible: bool = True) -> gr.components.Component:
     """The form widget for one setting, typed from its description."""
     common = {"label": _label(s), "info": _info(s), "elem_id": f"field-{s.name}", "visible": visible,
-              "min_width": 260}
+              "min_width": 240}
     if s.base_type is bool:
         return gr.Checkbox(s.default, **common)
     if s.allowed is not None:
