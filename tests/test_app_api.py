@@ -419,6 +419,53 @@ def test_runs_are_deleted_from_the_list(client, server, dataset, run):
         client.predict("../datasets", api_name="/delete_run")
 
 
+def test_the_glue_endpoints_answer_as_the_page_uses_them(client, run, dataset):
+    """The endpoints behind the method list, the dataset pickers and the next-step and runs-list buttons."""
+    method, setting = _method_with_settings()
+    *visible, about = client.predict(method, api_name="/method_changed")
+    own = [s for s in load_app().form_settings() if s.read_by is not None]
+    assert {s.name for s, u in zip(own, visible, strict=True) if u["visible"]} == {
+        s.name for s in own if method in s.read_by}
+    assert about.startswith(load_app().jobs.method_about(method)[0])
+    picker, preset_about = client.predict(api_name="/presets")
+    assert picker["visible"] is False and preset_about["visible"] is False
+    with pytest.raises(AppError, match="unknown preset 'fast'"):
+        client.predict("fast", api_name="/apply_preset")
+    root = dataset[0][0]["value"]
+    assert client.predict(root, api_name="/dataset_to_training") == root
+    assert client.predict(root, api_name="/training_to_dataset") == root
+    assert client.predict(run.name, api_name="/compare_run")["value"] == [run.name]
+    assert client.predict(run.name, api_name="/export_run")["value"] == run.name
+    lists = client.predict(root, [], [], None, None, api_name="/go_results")
+    assert run.name in [row[0] for row in lists[6]["data"]] and lists[0]["value"] == root
+    assert client.predict(api_name="/go_train") == ()  # it only switches the tab
+
+
+def test_compare_and_evaluate_report_progress_per_image(server, run):
+    app = load_app().App(server.out)
+    calls = []
+
+    def progress(value, desc=None, **_):
+        calls.append((value, desc))
+
+    app.compare([run.name], "a\nb", "0 1", 1, progress=progress)
+    assert [c[0] for c in calls[1:]] == [(k, 8) for k in range(1, 9)]  # 2 prompts x 2 seeds x 2 models
+    assert calls[-1][1] == "rendering image 8 of 8"
+    calls.clear()
+    app.evaluate([run.name], "demo", None, 1, 2, True, progress=progress)
+    assert [c[0] for c in calls[1:]] == [(k, 4) for k in range(1, 5)]  # 2 captions, adapted and base
+    assert calls[-1][1] == f"{run.name}: image 4 of 4"
+
+
+def test_a_very_large_image_is_added_with_a_notice(client, tmp_path):
+    root = client.predict("Large", api_name="/create_dataset")[0]["value"]
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (jobs.LARGE_IMAGE_SIDE + 8, 40), "red").save(wide)
+    *_, message, _ = client.predict(root, [handle_file(wide)], "", api_name="/add_files")
+    assert "Added 1 image(s)" in message
+    assert f"`wide.png`: {jobs.LARGE_IMAGE_SIDE + 8}x40 pixels: used, and scaled down" in message
+
+
 def test_presets_fill_the_form_when_there_are_any(tmp_path, monkeypatch):
     app = load_app().App(tmp_path)
     picker, about = app.presets()
