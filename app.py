@@ -213,10 +213,9 @@ def _method_note(method: str | None) -> str:
 class App:
     """The handlers, bound to one output folder and one training worker."""
 
-    def __init__(self, output_dir: Path, max_upload_bytes: int = 500 * 2**20) -> None:
+    def __init__(self, output_dir: Path) -> None:
         self.output_dir = output_dir
         self.datasets_dir = output_dir / jobs.DATASETS_DIR
-        self.max_upload_bytes = max_upload_bytes
         self.jobs = jobs.TrainingJobs(output_dir)
 
     # -- lists the page refreshes on load and on tab changes
@@ -449,9 +448,7 @@ class App:
         status = self.jobs.status()
         if not (status.running and status.settings):
             return [gr.update() for _ in form_settings()] + [gr.update(), gr.update()]
-        settings = status.settings
-        path = Path(settings["data"])
-        return self._form_updates(settings) + [gr.update(value=str(path))]
+        return self._form_updates(status.settings) + [gr.update(value=str(status.settings["data"]))]
 
     def method_changed(self, method: str) -> list:
         """Show the settings the chosen method reads, hide the other methods' settings; describe the method."""
@@ -788,7 +785,7 @@ def _grid_html(result: jobs.Comparison, cells: list[list[Path]], methods: dict[s
 
 def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
     """Return the Blocks of the GUI over the runs in `output_dir` (not launched)."""
-    app = App(output_dir, max_upload_bytes)
+    app = App(output_dir)
     settings = form_settings()
     default_method = TrainConfig().method
     with gr.Blocks(title="opdiff", analytics_enabled=False) as demo:

@@ -120,12 +120,17 @@ def wait_for_step_above(page, step: int, timeout: float = 30) -> tuple[str, int]
     raise AssertionError(f"training stuck at step {step}")
 
 
-def choose(page, dropdown: str, *options: str) -> None:
-    """Pick `options` (substrings of their labels) in the gradio dropdown with elem_id `dropdown`."""
+def choose(page, dropdown: str, *options: str, multi: bool = False) -> None:
+    """Pick `options` (substrings of their labels) in the gradio dropdown with elem_id `dropdown`, waiting for each
+    to show as chosen (a multiselect shows each as a token, a single one in its box)."""
+    box = page.locator(f"#{dropdown}")
     for option in options:
-        page.locator(f"#{dropdown} input").click()
+        box.locator("input").click()
         page.get_by_role("option", name=re.compile(re.escape(option))).first.click()
-        page.locator(f"#{dropdown}").get_by_text(option).first.wait_for()
+        if multi:
+            sync_api.expect(box.locator(".token").filter(has_text=option)).to_have_count(1)
+        else:
+            sync_api.expect(box.locator("input")).to_have_value(re.compile(re.escape(option)))
     page.keyboard.press("Escape")
 
 
@@ -228,7 +233,7 @@ def test_the_whole_flow_as_a_person_walks_it(page, server, bundled_data, bundled
 
     # 3. Results: compare the two runs on two prompts and two seeds.
     open_tab(page, "Compare")
-    choose(page, "compare-runs", run, second)
+    choose(page, "compare-runs", run, second, multi=True)
     fill(page, "compare-steps", 2)
     prompts = ["a painting of a purple circle, opdiff style", "a red square"]
     page.locator("#compare-prompts textarea").fill("\n".join(prompts))
@@ -248,7 +253,7 @@ def test_the_whole_flow_as_a_person_walks_it(page, server, bundled_data, bundled
     # Evaluate with the bundled demo CLIP.
     open_tab(page, "Evaluate")
     assert "CLIP" in page.locator("#clip-note").inner_text()
-    choose(page, "eval-runs", second)
+    choose(page, "eval-runs", second, multi=True)
     page.get_by_label("bundled demo CLIP").check()
     fill(page, "eval-steps", 2)
     fill(page, "eval-limit", 2)
