@@ -294,7 +294,7 @@ class RunInfo:
     resumable: bool
     """Whether a checkpoint to continue from exists."""
     updated: str
-    """When its settings were last written (at the start and the end of each training session), as local
+    """When its settings were last written (when it starts training and when it stops), as local
     "month-day hour:minute"."""
     error: str | None = None
     cmmd: dict | None = None
