@@ -1,10 +1,16 @@
-"""opdiff in the browser: upload images, train an adapter, compare, score with CMMD, download the LoRA.
+"""opdiff in the browser: a studio in three steps. 1. Dataset: named image sets with captions. 2. Train: a preset,
+a method, its settings, and the run's progress, loss and samples as they arrive. 3. Results: the runs, a labelled
+comparison grid, CMMD scores and the LoRA files with how to use them.
 
     python app.py [--host 127.0.0.1] [--port 7860] [--output-dir runs] [--max-upload-mb 500]    (or: opdiff-app ...)
 
+Without --host / --port, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are honoured (as Gradio, containers and Spaces set
+them), else 127.0.0.1:7860.
+
 A thin shell over `pipelines`: widgets and glue only. Training runs in `pipelines.jobs.TrainingJobs`, a
-background worker the page polls, so closing or reloading the page neither stops nor loses a run. Every event
-handler has an `api_name`, so `gradio_client` drives the app exactly as the page does.
+background worker the page polls, so closing or reloading the page neither stops nor loses a run (a reload
+restores the form from the running run's settings). Every event handler has an `api_name`, so `gradio_client`
+drives the app exactly as the page does.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import argparse  # noqa: E402
 import html  # noqa: E402
 import inspect  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 import typing  # noqa: E402
 from dataclasses import replace  # noqa: E402
@@ -27,19 +34,23 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from opdiff.settings import GROUPS, Setting  # noqa: E402
+from opdiff.settings import Setting  # noqa: E402
 from pipelines import jobs  # noqa: E402
 from pipelines.config import BUNDLED_DATA, TrainConfig, resume_config  # noqa: E402
 from pipelines.evaluate import (  # noqa: E402
     DEMO_CLIP,
+    REFERENCE_MODEL,
     ClipWeightsMissing,
     EvalConfig,
+    clip_availability,
     evaluate_run,
     score_note,
-    trust_label,
 )
-from pipelines.export import DTYPE_NAMES, DTYPE_SUFFIXES, DTYPES, FORMATS, ExportConfig, export, purpose  # noqa: E402
+from pipelines.export import DTYPE_NAMES, DTYPE_SUFFIXES, DTYPES, FORMATS, ExportConfig, export  # noqa: E402
+from pipelines.rundir import RunDir  # noqa: E402
 
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
 EXPORT_DEFAULTS = ExportConfig(Path("."))
 """The export settings' defaults (the command line's too)."""
 GUI_CACHE_DIR = ".gradio"
@@ -48,15 +59,54 @@ CACHE_DIR = "cache"
 """Sub-folder of the output folder where runs keep image latents and caption embeddings for later runs."""
 POLL_SECONDS = 1.0
 THUMBNAIL_PX = 256
+THUMBNAIL_COLUMNS = 8
+THUMBNAIL_ROW_PX = 150
+"""Height of a row of thumbnails on the page, for the gallery's height (up to three rows, then it scrolls)."""
+SAMPLES_SHOWN = 24
+"""The newest samples of a run the Train tab shows."""
+SAMPLES_EMPTY = "Samples: none yet (images sampled while training appear here)"
+NEW_DATASET_NAME = "My images"
+"""The name of a dataset made by uploading while the bundled demo images are on view."""
+BUNDLED_LABEL = "Bundled demo images (read-only)"
+CANCELLED = "__cancelled__"
+"""What a delete button sends when its confirmation dialog is cancelled."""
+METHOD = "method"
+"""The setting that chooses the adapter method: the form shows its paragraph and its own settings beside it."""
+FORM_EXCLUDED = ("output_dir", "resume", "preset")
+"""Settings the form leaves out: the app chooses the run folder; continuing a run is an action in Results; the
+preset picker above the form fills the form rather than being one of its fields."""
 
-GROUP_TITLES = {"method": "Method settings", "data": "Captions and images", "sampling": "Sample images",
-                "advanced": "Advanced"}
+GROUP_TITLES = {"run": "What to train on", "basic": "Main settings", "data": "Captions and images",
+                "sampling": "Sample images", "advanced": "Advanced: memory, speed, devices"}
+OPEN_GROUPS = ("run", "basic")
+"""Groups shown open; the others are folded."""
+CMMD_HOW_TO_READ = ("CMMD measures how far generated images are from your training images as CLIP sees them: "
+                    "lower is closer, and a negative difference to the base means the LoRA moved the model toward "
+                    "your images.")
+
+CSS = """
+.settings { gap: 12px; }
+.settings > *, .settings .form > .block { min-width: min(240px, 100%) !important; }
+.actions { align-items: flex-end; gap: 12px; }
+.actions > button { flex-grow: 0 !important; min-width: max-content !important; white-space: nowrap; }
+.ref { color: var(--body-text-color-subdued); font-size: var(--text-sm); }
+#compare-grid table { border-collapse: collapse; width: auto; }
+#compare-grid th, #compare-grid td { padding: 4px; vertical-align: top; text-align: left;
+                                     border: 1px solid var(--border-color-primary); }
+#compare-grid th { font-weight: 600; max-width: 260px; overflow-wrap: anywhere; }
+#compare-grid img { width: 192px; height: 192px; image-rendering: pixelated; display: block; }
+#compare-grid .scroll { overflow-x: auto; }
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training form, generated from the settings' descriptions
 
 
 def form_settings() -> list[Setting]:
     """The training form's settings: TrainConfig's, read from the registry now (a method registered at run time
     brings its own), without the run folder, which the app chooses."""
-    return [s for s in TrainConfig.settings() if s.name not in ("output_dir", "resume")]
+    return [s for s in TrainConfig.settings() if s.name not in FORM_EXCLUDED]
 
 
 def form_spec(method: str) -> dict[str, list[str]]:
@@ -65,44 +115,56 @@ def form_spec(method: str) -> dict[str, list[str]]:
     Built from TrainConfig's settings (`opdiff.settings.Setting`): one widget per setting, laid out by group; a
     method's own settings are shown only while a method that reads them is chosen.
     """
-    spec: dict[str, list[str]] = {g: [] for g in GROUPS}
+    spec: dict[str, list[str]] = {}
     for s in form_settings():
         if s.applies_to(method):
-            spec[s.group].append(s.name)
-    return {g: names for g, names in spec.items() if names}
+            spec.setdefault(s.group, []).append(s.name)
+    return spec
 
 
 def _info(s: Setting) -> str:
-    """A widget's help line: plain help, what an empty box means, and the source in brackets."""
+    """A widget's help line: plain help, then what an empty box means, then the source (a second line)."""
     text = s.help
     if s.optional and s.none_means:
-        text += f" Empty: {s.none_means}."
-    return text + (f" [{s.ref}]" if s.ref else "")
+        number = s.item_type in (int, float) and s.allowed is None
+        text += f" {'0 or empty' if number else 'Empty'}: {s.none_means}."  # a number box shows an empty value as 0
+    return text + (f"\nSource: {s.ref}" if s.ref else "")
+
+
+def _label(s: Setting) -> str:
+    return s.title[:1].upper() + s.title[1:]
+
+
+def _choice_labels(s: Setting) -> list[str]:
+    """A choice's label: its help line, which names the choice, or `choice: help`."""
+    if not s.choice_help:
+        return [str(c) for c in s.allowed or ()]
+    return [h if h.casefold().startswith(f"{c}:".casefold()) else f"{c}: {h}"
+            for c, h in zip(s.allowed, s.choice_help, strict=True)]
 
 
 def _widget(s: Setting, visible: bool = True) -> gr.components.Component:
     """The form widget for one setting, typed from its description."""
-    common = {"label": s.title, "info": _info(s), "elem_id": f"field-{s.name}", "visible": visible}
+    common = {"label": _label(s), "info": _info(s), "elem_id": f"field-{s.name}", "visible": visible,
+              "min_width": 240}
     if s.base_type is bool:
         return gr.Checkbox(s.default, **common)
     if s.allowed is not None:
-        labels = [f"{c}: {h}" for c, h in zip(s.allowed, s.choice_help, strict=True)] if s.choice_help else s.allowed
-        return gr.Dropdown(list(zip(labels, s.allowed, strict=True)), value=s.default, **common)
+        return gr.Dropdown(list(zip(_choice_labels(s), s.allowed, strict=True)), value=s.default, **common)
     if s.is_list:
-        return gr.Textbox("\n".join(map(str, s.default)), lines=2, **{**common, "info": common["info"] +
-                                                                        " One per line."})
+        return gr.Textbox(_shown(s, s.default), lines=2, **{**common, "info": common["info"] + " One per line."})
     if s.item_type in (int, float):
         return gr.Number(s.default, precision=0 if s.item_type is int else None, **common)
-    return gr.Textbox("" if s.default is None else str(s.default), **common)
+    return gr.Textbox(_shown(s, s.default), **common)
 
 
-def _form_value(s: Setting, value: object) -> object:
-    """A setting's value as its widget shows it (lists one per line, empty for None)."""
+def _shown(s: Setting, value: object) -> object:
+    """A setting's value as its widget holds it (a list one item per line; an empty optional box for None)."""
     if s.is_list:
         return "\n".join(map(str, value or ()))
-    if value is None and s.base_type not in (int, float):
-        return ""
-    return value
+    if value is None:
+        return None if s.item_type in (int, float) else ""
+    return str(value) if s.item_type not in (bool, int, float) and s.allowed is None else value
 
 
 def _config_from_form(values: dict) -> TrainConfig:
@@ -137,6 +199,18 @@ def _keyword_handler(fn: typing.Callable[..., tuple], names: typing.Iterable[str
     return handler
 
 
+def _method_note(method: str | None) -> str:
+    """The chosen method's paragraph (what it does, what it costs) and its source in a second, quieter line."""
+    if not method:
+        return ""
+    about, ref = jobs.method_about(method)
+    return f"{about}" + (f"\n\n<span class='ref'>Source: {html.escape(ref)}</span>" if ref else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The handlers
+
+
 class App:
     """The handlers, bound to one output folder and one training worker."""
 
@@ -148,92 +222,245 @@ class App:
     # -- lists the page refreshes on load and on tab changes
 
     def dataset_choices(self) -> list[tuple[str, str]]:
-        """(label, folder) of every dataset training may use: the uploads, newest first, then the bundled demo."""
-        uploaded = [(p.name, str(p)) for p in jobs.list_datasets(self.datasets_dir)]
-        return uploaded + [(f"bundled demo images ({BUNDLED_DATA.name})", str(BUNDLED_DATA))]
+        """(label, folder) of every dataset training may use: the named ones, newest first, then the bundled demo."""
+        named = [(f"{d.name} ({d.images} images)", str(d.path)) for d in jobs.list_datasets(self.datasets_dir)]
+        return named + [(BUNDLED_LABEL, str(BUNDLED_DATA))]
+
+    def _run_choices(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """(every run, the runs with a LoRA file) as (label, name) choices."""
+        runs = jobs.list_runs(self.output_dir, self.jobs.training_dir())
+        every = [(f"{r.name} ({r.method}, {r.state})", r.name) for r in runs]
+        return every, [(f"{r.name} ({r.method}, {r.steps} steps)", r.name) for r in runs if r.exported]
 
     def refresh(self, dataset: str | None = None, compare_runs: list[str] | None = None,
                 eval_runs: list[str] | None = None, export_run: str | None = None,
-                resume_run: str | None = None) -> tuple:
-        """Page load and tab changes: fresh dataset and run lists (keeping valid selections) and the score table.
+                run: str | None = None) -> tuple:
+        """Page load and tab changes: fresh dataset and run lists (keeping valid selections), the runs table and
+        the score table.
 
-        Returns updates for the training dataset, the dataset on view, the compare, evaluate, export and resume
-        run pickers, and the score table."""
-        datasets, all_runs = self.dataset_choices(), jobs.list_runs(self.output_dir)
-        runs = [(f"{r.name} ({r.method}, {r.steps} steps)", r.name) for r in all_runs if r.finished]
-        resumable = [(f"{r.name} ({r.method}, {r.steps} steps)", r.name) for r in all_runs if r.resumable]
-        names = {value for _, value in runs}
+        Returns updates for the dataset on view, the training dataset, the compare, evaluate and export run
+        pickers, the runs list's run picker, the runs table, the score table and the chosen run's paragraph."""
+        datasets = self.dataset_choices()
+        every, exported = self._run_choices()
+        names = {value for _, value in exported}
         dataset = dataset if dataset in {v for _, v in datasets} else datasets[0][1]
+        run = run if run in {v for _, v in every} else next(iter(v for _, v in every), None)
         return (
             gr.update(choices=datasets, value=dataset),
             gr.update(choices=datasets, value=dataset),
-            gr.update(choices=runs, value=[r for r in compare_runs or [] if r in names]),
-            gr.update(choices=runs, value=[r for r in eval_runs or [] if r in names]),
-            gr.update(choices=runs, value=export_run if export_run in names else (runs[0][1] if runs else None)),
-            gr.update(choices=resumable, value=resume_run if resume_run in {v for _, v in resumable} else None),
+            gr.update(choices=exported, value=[r for r in compare_runs or [] if r in names]),
+            gr.update(choices=exported, value=[r for r in eval_runs or [] if r in names]),
+            gr.update(choices=exported, value=export_run if export_run in names else (exported[0][1] if exported
+                                                                                      else None)),
+            gr.update(choices=every, value=run),
+            self.runs_table(),
             self.score_table(),
+            self.describe_run(run),
         )
 
     def _dataset_path(self, value: str | None) -> Path:
-        """The dataset folder a page/API value names: the bundled demo or an uploaded dataset, nothing else."""
-        path = Path(value or BUNDLED_DATA).resolve()
-        if path == BUNDLED_DATA.resolve() or path.parent == self.datasets_dir.resolve():
-            return path
-        raise gr.Error(f"unknown dataset {value!r}: upload it in the Dataset tab")
-
-    # -- Dataset tab
-
-    def _dataset_outputs(self, view: jobs.DatasetView, prefix: str = "") -> tuple:
-        gallery = [(_thumbnail(p), caption or "(no caption)") for p, caption in view.rows]
-        table = [[p.name, caption] for p, caption in view.rows]
-        message = f"{prefix}Dataset **{view.root.name}**: {len(view.rows)} usable image(s)"
-        message += f", {len(view.skipped)} file(s) rejected (reasons below)." if view.skipped else "."
-        if view.uncaptioned:
-            message += (f" {view.uncaptioned} image(s) have no caption yet: type one in the table and press "
-                        "Save captions.")
-        return gallery, table, [list(r) for r in view.skipped] or None, message
-
-    def upload_dataset(self, files: list[str] | None) -> tuple:
-        """Build a dataset from uploaded images/captions/zips; show it, and select it for training."""
-        if not files:
-            raise gr.Error("choose images (with .txt captions) or a .zip first")
+        """The dataset folder a page/API value names (its folder or its name): the bundled demo or a named
+        dataset, nothing else."""
+        if not value or Path(value).resolve() == BUNDLED_DATA.resolve() or value == BUNDLED_LABEL:
+            return BUNDLED_DATA.resolve()
         try:
-            view = jobs.import_upload(files, self.datasets_dir)
-        except jobs.UploadRejected as e:
-            gr.Warning(str(e))
-            refused = f"**Upload refused.** {html.escape(str(e))}"
-            # The dataset on view stays as it was; only the refusal and its reasons are shown.
-            return gr.update(), gr.update(), gr.update(), gr.update(), [list(r) for r in e.skipped], refused
-        if view.skipped:
-            gr.Warning(f"{len(view.skipped)} uploaded file(s) rejected; the reasons are listed under the table")
+            return jobs.find_dataset(self.datasets_dir, value)
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+
+    def _writable(self, path: Path) -> Path:
+        if path == BUNDLED_DATA.resolve():
+            raise gr.Error("the bundled demo images are read-only; create a dataset of your own first")
+        return path
+
+    # -- 1. Dataset
+
+    def _dataset_outputs(self, view: jobs.DatasetView, message: str = "") -> tuple:
+        """Updates for the dataset on view: gallery, captions table, refused files, message, image picker, the
+        next-step button and the refused files' fold (open when there are any)."""
+        rows = min(3, math.ceil(len(view.rows) / THUMBNAIL_COLUMNS)) or 1  # then it scrolls
+        gallery = gr.update(value=[(_thumbnail(p), caption or "(no caption)") for p, caption in view.rows],
+                            height=rows * THUMBNAIL_ROW_PX + 40)
+        table = [[p.name, caption] for p, caption in view.rows]
+        name = BUNDLED_LABEL if view.root == BUNDLED_DATA.resolve() else view.name
+        summary = f"**{html.escape(name)}**: {len(view.rows)} image(s)."
+        if not view.rows:
+            summary += " Add images with the box above."
+        if view.uncaptioned:
+            summary += f" {view.uncaptioned} image(s) have no caption yet: pick one below or edit the table."
+        notes = "".join(f"\n- `{html.escape(n)}`: {html.escape(note)}" for n, note in view.notes)
+        text = "\n\n".join(part for part in (message, summary) if part) + (f"\n\nNotices:{notes}" if notes else "")
+        names = [p.name for p, _ in view.rows]
+        return (gallery, table, [list(r) for r in view.skipped] or None, text,
+                gr.update(choices=names, value=names[0] if names else None),
+                gr.update(visible=bool(view.rows)), gr.update(open=bool(view.skipped)))
+
+    def _open(self, path: Path) -> jobs.DatasetView:
+        try:
+            return jobs.open_dataset(path)
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+
+    def _picked(self, path: Path) -> tuple:
+        """The dataset pickers of both steps, on `path` with fresh choices (one update each: gradio consumes an
+        update while applying it)."""
         choices = self.dataset_choices()
-        # One update per dropdown: gradio consumes an update while applying it.
-        return (gr.update(choices=choices, value=str(view.root)), gr.update(choices=choices, value=str(view.root)),
-                *self._dataset_outputs(view))
+        return gr.update(choices=choices, value=str(path)), gr.update(choices=choices, value=str(path))
 
     def show_dataset(self, dataset: str | None = None) -> tuple:
-        """Thumbnails, captions and rejected files of the selected dataset."""
+        """Thumbnails, captions and refused files of the chosen dataset."""
+        return self._dataset_outputs(self._open(self._dataset_path(dataset)))
+
+    def create_dataset(self, name: str | None) -> tuple:
+        """Create an empty dataset named `name` and put it on view (for both steps)."""
         try:
-            return self._dataset_outputs(jobs.open_dataset(self._dataset_path(dataset)))
+            path = jobs.create_dataset(self.datasets_dir, name or "")
         except ValueError as e:
             raise gr.Error(str(e)) from e
+        view = self._open(path)
+        return (*self._picked(path), "", *self._dataset_outputs(view, f"Created **{html.escape(view.name)}**."))
+
+    def add_files(self, dataset: str | None, files: list[str] | None, name: str | None = None) -> tuple:
+        """Add uploaded images, captions or zips to the dataset on view (the bundled demo being read-only, to a
+        new dataset named `name`); clear the upload box, show the dataset and what was refused and why."""
+        if not files:
+            raise gr.Error("choose images (with .txt captions) or a .zip first")
+        path = self._dataset_path(dataset)
+        created = path == BUNDLED_DATA.resolve()
+        if created:
+            path = jobs.create_dataset(self.datasets_dir, (name or "").strip() or self._free_name())
+        try:
+            view = jobs.add_files(path, files)
+        except jobs.UploadRejected as e:
+            gr.Warning(str(e))
+            if created:  # no empty dataset is left behind
+                jobs.delete_dataset(path)
+                path = BUNDLED_DATA.resolve()
+            message = "**Nothing was added.** The files and the reasons are listed under *Files not used*."
+            view = replace(self._open(path), skipped=e.skipped)
+            return (*self._picked(path), None, *self._dataset_outputs(view, message))
+        message = f"Added {view.added} image(s)."
+        if view.skipped:
+            message += f" {len(view.skipped)} file(s) were not used: see *Files not used* below."
+            gr.Warning(f"{len(view.skipped)} uploaded file(s) not used; the reasons are listed under the images")
+        return (*self._picked(path), None, *self._dataset_outputs(view, message))
+
+    def _free_name(self) -> str:
+        taken = {d.name.casefold() for d in jobs.list_datasets(self.datasets_dir)}
+        return next(name for k in range(1, 1000)
+                    if (name := NEW_DATASET_NAME + ("" if k == 1 else f" {k}")).casefold() not in taken)
+
+    def rename_dataset(self, dataset: str | None, name: str | None) -> tuple:
+        """Give the dataset on view a new name (runs that trained on it keep finding it)."""
+        path = self._writable(self._dataset_path(dataset))
+        try:
+            jobs.rename_dataset(path, name or "")
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+        return (*self._picked(path), "", *self._dataset_outputs(self._open(path), "Renamed."))
+
+    def delete_dataset(self, dataset: str | None) -> tuple:
+        """Delete the dataset on view with its images; refused while a run trains on it."""
+        if dataset == CANCELLED:
+            return tuple(gr.update() for _ in range(9))
+        path = self._writable(self._dataset_path(dataset))
+        status = self.jobs.status()
+        in_use = Path(status.settings["data"]) if status.running and status.settings else None
+        name = jobs.dataset_name(path)
+        try:
+            jobs.delete_dataset(path, in_use)
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+        following = Path(self.dataset_choices()[0][1])
+        return (*self._picked(following), *self._dataset_outputs(self._open(following),
+                                                                  f"Deleted **{html.escape(name)}**."))
+
+    def remove_images(self, dataset: str | None, names: list[str] | str | None) -> tuple:
+        """Remove images (and their captions) from the dataset on view."""
+        path = self._writable(self._dataset_path(dataset))
+        names = [names] if isinstance(names, str) else list(names or [])
+        if not names:
+            raise gr.Error("choose an image to remove")
+        try:
+            view = jobs.remove_images(path, names)
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+        return self._dataset_outputs(view, f"Removed {', '.join(names)}.")
 
     def save_captions(self, dataset: str | None, table: list[list[str]] | None) -> tuple:
-        """Write the edited captions next to the images."""
-        path = self._dataset_path(dataset)
-        if path == BUNDLED_DATA.resolve():
-            raise gr.Error("the bundled demo images are read-only; upload your own images to edit captions")
+        """Write the captions edited in the table next to the images."""
+        return self._save(dataset, [(row[0], row[1]) for row in table or [] if row and row[0]], "Captions saved.")
+
+    def save_caption(self, dataset: str | None, image: str | None, caption: str | None) -> tuple:
+        """Write one image's caption."""
+        if not image:
+            raise gr.Error("choose an image first")
+        return self._save(dataset, [(image, caption or "")], f"Caption of {image} saved.")
+
+    def _save(self, dataset: str | None, captions: list[tuple[str, str]], message: str) -> tuple:
+        path = self._writable(self._dataset_path(dataset))
         try:
-            view = jobs.save_captions(path, [(row[0], row[1]) for row in table or [] if row and row[0]])
+            view = jobs.save_captions(path, captions)
         except ValueError as e:
             raise gr.Error(str(e)) from e
-        return self._dataset_outputs(view, "Captions saved. ")
+        return self._dataset_outputs(view, message)
 
-    # -- Train tab
+    def pick_image(self, dataset: str | None, image: str | None) -> str:
+        """The caption of the image chosen for editing."""
+        if not image:
+            return ""
+        captions = {p.name: caption for p, caption in self._open(self._dataset_path(dataset)).rows}
+        if image not in captions:
+            raise gr.Error(f"{image!r} is not an image of this dataset")
+        return captions[image]
+
+    # -- 2. Train
+
+    def presets(self) -> tuple:
+        """The preset picker: its choices, hidden while there are none."""
+        names = [p.name for p in jobs.list_presets()]
+        return gr.update(choices=names, value=None, visible=bool(names)), gr.update(value="", visible=bool(names))
+
+    def apply_preset(self, name: str | None) -> list:
+        """Fill the form from preset `name` (its settings over the defaults) and describe it."""
+        if not name:
+            return [gr.update() for _ in form_settings()] + [gr.update(), gr.update()]
+        presets = {p.name: p for p in jobs.list_presets()}
+        if name not in presets:
+            raise gr.Error(f"unknown preset {name!r}; choose one of: {', '.join(presets) or '(none defined)'}")
+        preset = presets[name]
+        values = {**TrainConfig().to_dict(), **preset.settings}
+        values.pop("data", None)  # the dataset stays the one on view
+        return self._form_updates(values) + [gr.update(value=preset.description, visible=True)]
+
+    def _form_updates(self, values: dict) -> list:
+        """One update per form widget (value and visibility for `values[method]`), then the method's paragraph."""
+        method = values.get(METHOD, TrainConfig().method)
+        updates = []
+        for s in form_settings():
+            update = {"visible": s.applies_to(method)}
+            if s.name in values:
+                update["value"] = _shown(s, values[s.name])
+            updates.append(gr.update(**update))
+        return updates + [_method_note(method)]
+
+    def restore_form(self) -> list:
+        """After a reload: the form as the run in progress was started (no change when none is running)."""
+        status = self.jobs.status()
+        if not (status.running and status.settings):
+            return [gr.update() for _ in form_settings()] + [gr.update(), gr.update()]
+        return self._form_updates(status.settings) + [gr.update(value=str(status.settings["data"]))]
+
+    def method_changed(self, method: str) -> list:
+        """Show the settings the chosen method reads, hide the other methods' settings; describe the method."""
+        return [gr.update(visible=s.applies_to(method)) for s in form_settings() if s.read_by is not None] + [
+            _method_note(method)]
 
     def start_training(self, **form: object) -> tuple:
         """Start a run with the form's settings; refused with a message while another run is in progress."""
         form["data"] = self._dataset_path(typing.cast(str, form.get("data")))
+        if not self._open(typing.cast(Path, form["data"])).rows:
+            raise gr.Error("the dataset has no images yet: add some in step 1")
         cfg = _config_from_form(form)
         if cfg.cache_dir is None:  # runs on the same images then encode them once
             cfg = replace(cfg, cache_dir=self.output_dir / CACHE_DIR)
@@ -244,7 +471,7 @@ class App:
         return self.poll()
 
     def resume_training(self, run: str | None, max_steps: float | None = None) -> tuple:
-        """Continue a stopped run from its checkpoint (with the loss curve an uninterrupted run would have had)."""
+        """Continue a run from its checkpoint (with the loss curve an uninterrupted run would have had)."""
         changes = {"max_steps": int(max_steps)} if max_steps else {}
         try:
             self.jobs.start(resume_config(self._run(run), **changes))
@@ -252,59 +479,86 @@ class App:
             raise gr.Error(str(e)) from e
         return self.poll()
 
-    def method_changed(self, method: str) -> list:
-        """Show the settings the chosen method reads, hide the other methods' settings."""
-        return [gr.update(visible=s.applies_to(method)) for s in form_settings() if s.read_by is not None]
-
-    def preset_changed(self, preset: str | None) -> list:
-        """Fill the form with the chosen preset's settings (the defaults where it has none); the dataset stays."""
-        values = TrainConfig(preset=preset or None).to_dict()
-        return [gr.update() if s.name == "data" else gr.update(value=_form_value(s, values[s.name]))
-                for s in form_settings()]
-
     def stop_training(self) -> tuple:
         """Ask the run to stop after its current step; it still saves and exports what it has."""
         self.jobs.stop()
         return self.poll()
 
-    def poll(self) -> tuple:
-        """The training status the page shows: progress line, loss curve, selection log, raw status."""
+    def poll(self, shown: list[str] | None = None) -> tuple:
+        """The training status the page shows: progress line, loss curves, the method's log, raw status, the
+        buttons, the newest samples (sent only when they changed since `shown`) and the next-step button."""
         status = self.jobs.status()
-        # Typed even when empty: the plot fixes its axes' kind (numbers, not categories) from the first value.
-        losses = pd.DataFrame(status.losses, columns=["step", "loss"]).astype({"step": int, "loss": float})
+        curves = _curves(status.losses)
         events = pd.DataFrame(list(status.events))
+        samples = RunDir(status.run_dir).list_samples()[::-1][:SAMPLES_SHOWN] if status.run_dir else []
+        names = [str(p) for p in samples]
+        if shown is not None and names == shown:
+            gallery = gr.update()  # unchanged: not sent again every second
+        elif names:
+            gallery = gr.update(value=[(p, p.stem.replace("-", " ")) for p in samples],
+                                label=f"Samples: {len(samples)}, newest first")
+        else:
+            gallery = gr.update(value=[], label=SAMPLES_EMPTY)
+        ended = status.state in ("finished", "stopped")
         return (
             _status_html(status),
-            losses,
+            curves,
             gr.update(value=events, visible=bool(status.events)),
             status.to_dict(),
             gr.update(interactive=not status.running),
             gr.update(interactive=status.running and status.state != "stopping"),
+            gallery,
+            names,
+            gr.update(visible=ended),
+            gr.update(visible=status.state != "idle"),
         )
 
-    # -- Compare tab
+    # -- 3. Results: runs
 
-    def compare(self, runs: list[str] | None, prompts: str = "", seeds: str = "0", steps: float | None = None) -> tuple:
-        """Base and the chosen runs on the same prompts and seeds: a slider for two columns, a gallery for all."""
-        run_dirs = [self._run(name) for name in runs or []]
+    def to_results(self, *selections: str | list[str] | None) -> tuple:
+        """Training's next step: the Results step on its runs list, with fresh lists (`refresh`'s)."""
+        return gr.Tabs(selected="results"), gr.Tabs(selected="runs"), *self.refresh(*selections)
+
+    def runs_table(self) -> pd.DataFrame:
+        """Every run: method, dataset, steps, state and latest CMMD."""
+        rows, status = [], self.jobs.status()
+        for r in jobs.list_runs(self.output_dir, self.jobs.training_dir()):
+            score = f"{r.cmmd['cmmd']:.3f}" if r.cmmd else "-"
+            steps = status.step if r.state == "training" else r.steps  # the files have the last checkpoint's
+            rows.append([r.name, r.method, r.dataset, f"{steps} / {r.total}", r.state, score, r.updated])
+        return pd.DataFrame(rows, columns=["run", "method", "dataset", "steps", "state", "CMMD", "updated"])
+
+    def run_selected(self, table: pd.DataFrame, evt: gr.SelectData) -> str | None:
+        """A click on a row of the runs table chooses that run for the actions."""
+        row = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
+        return str(table.iloc[row, 0]) if 0 <= row < len(table) else None
+
+    def describe_run(self, run: str | None) -> str:
+        """One paragraph on the chosen run: what it trained, its state and what can be done with it."""
+        if not run:
+            return "No run yet: train one in step 2." if not self._run_choices()[0] else "Choose a run."
+        info = next((r for r in jobs.list_runs(self.output_dir, self.jobs.training_dir()) if r.name == run), None)
+        if info is None:
+            raise gr.Error(f"no run named {run!r}")
+        status = self.jobs.status()
+        steps = status.step if info.state == "training" else info.steps
+        text = (f"**{html.escape(info.name)}**: {info.method} on *{html.escape(info.dataset)}*, {steps} of "
+                f"{info.total} steps, {info.state}.")
+        if info.error:
+            text += f" Error: {html.escape(info.error)}"
+        if info.state == "stopped":
+            text += " Continue trains it on from its checkpoint."
+        return text
+
+    def delete_run(self, run: str | None) -> tuple:
+        """Delete a run folder; refused while it trains."""
+        if run == CANCELLED:
+            return tuple(gr.update() for _ in range(7))
         try:
-            seed_list = [int(s) for s in seeds.replace(",", " ").split()] or [0]
-        except ValueError as e:
-            raise gr.Error(f"seeds must be whole numbers, got {seeds!r}") from e
-        prompt_list = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
-        base = None if run_dirs else TrainConfig().base
-        try:
-            result, grid = jobs.compare_runs(run_dirs, self.output_dir / jobs.COMPARE_DIR, prompt_list, seed_list,
-                                       int(steps) if steps else None, base=base)
+            jobs.delete_run(self.output_dir, run or "", self.jobs.training_dir())
         except ValueError as e:
             raise gr.Error(str(e)) from e
-        cells = [(image, f"{title} | {label}") for label, images in result.rows
-                 for title, image in zip(result.titles, images, strict=True)]
-        slider = gr.update(value=None, visible=False)
-        if len(result.titles) == 2:  # base and one run: the first prompt and seed under a slider
-            label, (left, right) = result.rows[0]
-            slider = gr.update(value=(left, right), visible=True, label=" | ".join(result.titles) + f": {label}")
-        return slider, cells, str(grid)
+        return self.refresh()[2:-1] + (f"Deleted {html.escape(run or '')}.",)
 
     def _run(self, name: str | None) -> Path:
         try:
@@ -312,44 +566,115 @@ class App:
         except ValueError as e:
             raise gr.Error(str(e)) from e
 
-    # -- Evaluate tab
+    # -- 3. Results: compare
+
+    def compare(self, runs: list[str] | None, prompts: str = "", seeds: str = "0", steps: float | None = None,
+                progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 - how gradio injects a tracker
+        """Base and the chosen runs on the same prompts and seeds: a labelled grid (one column per model, one row
+        per prompt and seed), the slider for base and one run, and the grid as a PNG."""
+        run_dirs = [self._run(name) for name in runs or []]
+        try:
+            seed_list = [int(s) for s in (seeds or "").replace(",", " ").split()] or [0]
+        except ValueError as e:
+            raise gr.Error(f"seeds must be whole numbers, got {seeds!r}") from e
+        prompt_list = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+        base = None if run_dirs else TrainConfig().base
+        progress(0, desc="loading the models")
+
+        def rendered(done: int, total: int) -> None:
+            progress((done, total), desc=f"rendering image {done} of {total}", unit="images")
+
+        try:
+            result, grid = jobs.compare_runs(run_dirs, self.output_dir / jobs.COMPARE_DIR, prompt_list, seed_list,
+                                             int(steps) if steps else None, base=base, progress=rendered)
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+        cells = jobs.save_cells(result, grid.with_suffix(""))
+        methods = {r.name: r.method for r in jobs.list_runs(self.output_dir)}
+        slider = gr.update(value=None, visible=False)
+        if len(result.titles) == 2:  # base and one run: the first prompt and seed under a slider
+            label, (left, right) = result.rows[0]
+            slider = gr.update(value=(left, right), visible=True, label=" | ".join(result.titles) + f": {label}")
+        return slider, _grid_html(result, cells, methods), str(grid)
+
+    # -- 3. Results: evaluate
+
+    def clip_status(self) -> tuple:
+        """Which CLIP can score here, in plain words, and the CLIP choice that works (checked when the tab opens)."""
+        found = clip_availability()
+        demo = ("The **bundled demo CLIP** always works offline; its scores rank runs of the bundled demo model "
+                "but mean nothing for other models and are not comparable to published CMMD.")
+        if found.reference is not None:
+            text = (f"The **reference CLIP** ({REFERENCE_MODEL}) is on this machine: its scores are comparable to "
+                    "published CMMD. " + demo)
+            choice = "reference"
+        elif found.can_download:
+            text = ("The **reference CLIP** is not on this machine yet: the first evaluation with it downloads about "
+                    "1.7 GB. " + demo)
+            choice = "reference"
+        else:
+            text = ("The **reference CLIP** is not on this machine, and this machine does not download models "
+                    "(HF_HUB_OFFLINE is set), so scores here use the bundled demo CLIP unless you give the "
+                    "reference weights file below. " + demo)
+            choice = DEMO_CLIP
+        return text, gr.update(value=choice)
 
     def score_table(self) -> pd.DataFrame:
-        """One row per evaluated run: its CMMD, the base model's, and how far the score can be trusted."""
+        """One row per kept score: run, CLIP, images, steps, CMMD, the base model's and the difference."""
         rows = []
         for run in jobs.list_runs(self.output_dir):
-            if run.cmmd:
-                c = run.cmmd
-                note = score_note(c["clip_model"], c["trustworthy"])
-                rows.append([run.name, run.method, round(c["cmmd"], 4), _round(c.get("base_cmmd")), c["n_images"],
-                             c["clip_model"], note])
-        return pd.DataFrame(rows, columns=["run", "method", "CMMD", "base CMMD", "images", "CLIP", "note"])
+            for c in RunDir(run.path).read_scores():
+                base = c.get("base_cmmd")
+                rows.append([run.name, run.method, _clip_name(c["clip_model"]), c["n_images"], c.get("steps"),
+                             _round(c["cmmd"]), _round(base), _round(None if base is None else c["cmmd"] - base),
+                             _short_note(c["clip_model"], c["trustworthy"])])
+        return pd.DataFrame(rows, columns=["run", "method", "CLIP", "images", "steps", "CMMD", "base CMMD",
+                                           "vs base", "note"])
 
     def evaluate(self, runs: list[str] | None, clip: str = "reference", clip_checkpoint: str | None = None,
-                 steps: float | None = None, limit: float | None = None, base_too: bool = False,
+                 steps: float | None = None, limit: float | None = None, base_too: bool = True,
                  progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 - how gradio injects a tracker
         """CMMD of each chosen run (op-lora.txt Sec. 4.1 protocol); returns the score table and a message."""
         if not runs:
-            raise gr.Error("choose at least one finished run")
+            raise gr.Error("choose at least one run with a LoRA file")
         run_dirs = [self._run(name) for name in runs]
+        progress(0, desc="loading CLIP")
         try:
             embedder = jobs.cached_embedder(DEMO_CLIP if clip == DEMO_CLIP else None, clip_checkpoint or None)
-        except (ClipWeightsMissing, ValueError) as e:
+        except ClipWeightsMissing as e:
+            where = f"at {clip_checkpoint}" if clip_checkpoint else "on this machine"
+            raise gr.Error(f"The reference CLIP's weights are not {where}. Choose the bundled demo CLIP, or give "
+                           "the path of the weights file (open_clip_model.safetensors of "
+                           f"{REFERENCE_MODEL}).") from e
+        except ValueError as e:
             raise gr.Error(str(e)) from e
-        for run_dir in progress.tqdm(run_dirs, desc="evaluating"):
+        replaced = []
+        for k, run_dir in enumerate(run_dirs):
+            cfg = EvalConfig(run_dir, steps=int(steps) if steps else None, limit=int(limit) if limit else None,
+                             base_too=bool(base_too))
+
+            def generated(done: int, total: int, k: int = k) -> None:
+                progress((k * total + done, len(run_dirs) * total), unit="images",
+                         desc=f"{run_dirs[k].name}: image {done} of {total}")
+
+            before = {_score_key(s) for s in RunDir(run_dir).read_scores()}
             try:
-                evaluate_run(EvalConfig(run_dir, steps=int(steps) if steps else None,
-                                        limit=int(limit) if limit else None, base_too=base_too), embedder)
+                result = evaluate_run(cfg, embedder, progress=generated)
             except (ValueError, FileNotFoundError) as e:
                 raise gr.Error(f"{run_dir.name}: {e}") from e
-        label = trust_label(embedder)
-        return self.score_table(), f"Scored {len(run_dirs)} run(s) with CLIP {embedder.model_name}. {label}"
+            if _score_key(result) in before:
+                replaced.append(run_dir.name)
+        message = f"Scored {len(run_dirs)} run(s) with CLIP {_clip_name(embedder.model_name)}."
+        if replaced:
+            message += (f" This replaced the earlier score of {', '.join(replaced)} made with the same CLIP, "
+                        "images and steps; scores made with other settings are kept.")
+        return self.score_table(), message
 
-    # -- Export tab
+    # -- 3. Results: export
 
     def export_lora(self, run: str | None, fmt: str = "diffusers", dtype: str = EXPORT_DEFAULTS.dtype) -> tuple:
-        """Collapse the run's adapter into LoRA file(s) in the chosen format; return them and a note naming the
-        programs each file is for, with a diffusers loading snippet."""
+        """Collapse the run's adapter into LoRA file(s) in the chosen format; return them and how to use each
+        (diffusers code for the diffusers file, where to put the others), with the LoRA scale."""
         run_dir = self._run(run)
         if dtype not in DTYPE_NAMES:
             raise gr.Error(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -360,9 +685,11 @@ class App:
             files = export(run_dir, name, DTYPE_NAMES[dtype], format=fmt, suffixed=True)
         except (ValueError, FileNotFoundError) as e:
             raise gr.Error(str(e)) from e
-        notes = "".join(f"# {path.name}: {purpose(path)}\n" for path in files.values())
-        snippet = jobs.load_snippet(run_dir, files["diffusers"]) if "diffusers" in files else ""
-        return [str(f) for f in files.values()], notes + ("\n" + snippet if snippet else "")
+        return [str(f) for f in files.values()], jobs.usage(run_dir, files)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small helpers
 
 
 def _thumbnail(path: Path) -> Image.Image:
@@ -374,8 +701,35 @@ def _thumbnail(path: Path) -> Image.Image:
     return small
 
 
+def _curves(losses: typing.Sequence[tuple[int, float]]) -> pd.DataFrame:
+    """The loss plot's rows: step, loss, line (raw or smoothed).
+
+    Typed even when empty, since the plot fixes its axes' kind (numbers, not categories) from the first value;
+    and never empty, since a plot that starts without a row of each line never draws them (one empty row each).
+    """
+    rows = jobs.loss_curves(losses) or [(0, math.nan, line) for line in ("raw", "smoothed")]
+    return pd.DataFrame(rows, columns=["step", "loss", "line"]).astype({"step": int, "loss": float, "line": str})
+
+
 def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 4)
+    return None if x is None else round(x, 3)
+
+
+def _short_note(clip_model: str, trustworthy: bool) -> str:
+    """`score_note` in a table cell's words: the page explains the CLIP models above the table."""
+    note = score_note(clip_model, trustworthy)
+    if not note or not trustworthy:
+        return note
+    return "not comparable to published CMMD"
+
+
+def _clip_name(model: str) -> str:
+    """A CLIP model as the page names it."""
+    return "bundled demo CLIP" if model.startswith("local-dir:") else model
+
+
+def _score_key(score: dict) -> tuple:
+    return tuple(score.get(k) for k in RunDir.SCORE_KEY)
 
 
 def _duration(seconds: float | None) -> str:
@@ -388,7 +742,8 @@ def _duration(seconds: float | None) -> str:
 def _status_html(status: jobs.JobStatus) -> str:
     """One line and a progress bar for the training job."""
     if status.state == "idle":
-        return "<p id='job-status'>No run started since the server started. Pick settings and press Start.</p>"
+        return ("<div id='job-status'>No run started since the server started. Choose the settings below and press "
+                "<b>Start training</b>; progress, loss and samples appear here.</div>")
     run = html.escape(status.run_dir.name if status.run_dir else "")
     parts = [f"<b>{status.state}</b> <code>{run}</code>"]
     if status.total:
@@ -408,177 +763,338 @@ def _status_html(status: jobs.JobStatus) -> str:
     return f"<div id='job-status'>{line}{bar}</div>"
 
 
+def _grid_html(result: jobs.Comparison, cells: list[list[Path]], methods: dict[str, str]) -> str:
+    """The comparison as a table: a header row of model names, one row per prompt and seed, each image in its
+    column and row (`data-column` / `data-row` name them; the image's title repeats both)."""
+    head = "".join(f"<th data-column='{html.escape(t)}'>{html.escape(t)}"
+                   + (f"<br><span class='ref'>{html.escape(methods[t])}</span>" if t in methods else "") + "</th>"
+                   for t in result.titles)
+    body = []
+    for (label, _), paths in zip(result.rows, cells, strict=True):
+        tds = "".join(
+            f"<td data-column='{html.escape(t)}' data-row='{html.escape(label)}'><img src='gradio_api/file={p}' "
+            f"alt='{html.escape(t)}: {html.escape(label)}' title='{html.escape(t)}: {html.escape(label)}'></td>"
+            for t, p in zip(result.titles, paths, strict=True))
+        body.append(f"<tr><th data-row='{html.escape(label)}'>{html.escape(label)}</th>{tds}</tr>")
+    return (f"<div class='scroll'><table><thead><tr><th>prompt and seed</th>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The page
+
+
 def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
     """Return the Blocks of the GUI over the runs in `output_dir` (not launched)."""
     app = App(output_dir)
+    settings = form_settings()
+    default_method = TrainConfig().method
     with gr.Blocks(title="opdiff", analytics_enabled=False) as demo:
-        gr.Markdown("# opdiff\nPersonalize Stable Diffusion XL with over-parameterized low-rank adapters; "
-                    "download a plain LoRA.")
-        with gr.Tabs():
-            with gr.Tab("Dataset", id="dataset") as dataset_tab:
-                gr.Markdown("Upload images with same-name `.txt` captions (or a `metadata.jsonl`), or a `.zip` of "
-                            f"either; at most {max_upload_bytes / 2**20:.3g} MB per file.")
-                upload = gr.File(file_count="multiple", label="Images, captions or a .zip", elem_id="upload",
+        gr.Markdown("# opdiff studio\nTeach Stable Diffusion XL your images in three steps, then download a plain "
+                    "LoRA file for diffusers, ComfyUI, AUTOMATIC1111 or Forge.")
+        with gr.Tabs(elem_id="steps") as steps:
+            # ------------------------------------------------------------------ 1. Dataset
+            with gr.Tab("1. Dataset", id="dataset") as dataset_tab:
+                with gr.Row(elem_classes="actions"):
+                    view_dataset = gr.Dropdown(label="Dataset on view (the one training uses)", scale=3,
+                                               allow_custom_value=True, elem_id="view-dataset", min_width=260)
+                    next_train = gr.Button("Next: 2. Train on this dataset", variant="primary", visible=False,
+                                           elem_id="next-train")
+                with gr.Row(elem_classes="actions"):
+                    dataset_name = gr.Textbox(label="Name", placeholder="e.g. My cat", elem_id="dataset-name",
+                                              info="Create: a new dataset of this name. Rename: the one on view.",
+                                              min_width=260)
+                    create = gr.Button("Create", elem_id="create-dataset")
+                    rename = gr.Button("Rename", elem_id="rename-dataset")
+                    delete = gr.Button("Delete", variant="stop", elem_id="delete-dataset")
+                upload = gr.File(file_count="multiple", elem_id="upload", height=120,
+                                 label=f"Add images to the dataset on view: images with same-name .txt captions, a "
+                                       f"metadata.jsonl, or a .zip of either (at most {max_upload_bytes / 2**20:.3g} "
+                                       "MB per file)",
                                  file_types=[".png", ".jpg", ".jpeg", ".webp", ".txt", ".jsonl", ".zip"])
                 dataset_message = gr.Markdown(elem_id="dataset-message")
-                with gr.Row():
-                    view_dataset = gr.Dropdown(label="Dataset", allow_custom_value=True, scale=4, elem_id="view-dataset",
-                                               info="Uploads are kept in the output folder; pick one to view it.")
-                    save_button = gr.Button("Save captions", scale=1)
-                gallery = gr.Gallery(label="Images", columns=8, height=260, elem_id="thumbnails")
-                captions = gr.Dataframe(headers=["file", "caption"], type="array", interactive=True,
-                                        static_columns=[0], label="Captions (editable)", elem_id="captions")
-                rejected = gr.Dataframe(headers=["file", "reason"], type="array", interactive=False,
-                                        label="Rejected files", elem_id="rejected")
+                gallery = gr.Gallery(label="Images (click one to edit its caption)", columns=THUMBNAIL_COLUMNS, height=190,
+                                     elem_id="thumbnails", allow_preview=False, fit_columns=False)
+                with gr.Row(elem_classes="settings"):
+                    image = gr.Dropdown(label="Image", elem_id="image", scale=1, min_width=200,
+                                        allow_custom_value=True)
+                    caption = gr.Textbox(label="Caption", elem_id="caption", scale=3, min_width=260, lines=2,
+                                         info="What the image shows, in the words you will prompt with.")
+                with gr.Row(elem_classes="actions"):
+                    save_caption = gr.Button("Save caption", elem_id="save-caption", variant="primary")
+                    remove = gr.Button("Remove image from the dataset", elem_id="remove-image")
+                with gr.Accordion("All captions (edit several, then save)", open=False):
+                    captions = gr.Dataframe(headers=["file", "caption"], type="array", interactive=True, wrap=True,
+                                            static_columns=[0], show_label=False, elem_id="captions")
+                    save_button = gr.Button("Save captions", elem_id="save-captions")
+                with gr.Accordion("Files not used", open=False) as not_used:
+                    rejected = gr.Dataframe(headers=["file", "reason"], type="array", interactive=False, wrap=True,
+                                            show_label=False, elem_id="rejected", column_widths=["30%", "70%"])
 
-            with gr.Tab("Train", id="train") as train_tab:
-                form: dict[str, gr.components.Component] = {}
-                shown, settings = form_spec(TrainConfig().method), form_settings()
-                for group in GROUPS:
-                    members = [s for s in settings if s.group == group]
-                    if not members:
-                        continue
-                    title = GROUP_TITLES.get(group)
-                    with gr.Accordion(title, open=False) if title else gr.Group():
-                        with gr.Row():
-                            for s in members:
-                                visible = s.name in shown.get(group, [])
-                                if s.name == "data":  # the dataset picker: uploads and the bundled images
-                                    form["data"] = gr.Dropdown(label=s.title, info=_info(s), allow_custom_value=True,
-                                                               elem_id="field-data")
-                                else:
-                                    form[s.name] = _widget(s, visible)
-                with gr.Row():
-                    start = gr.Button("Start training", variant="primary", elem_id="start")
+            # ------------------------------------------------------------------ 2. Train
+            with gr.Tab("2. Train", id="train") as train_tab:
+                status_html = gr.HTML(_status_html(jobs.JobStatus()), elem_id="status")
+                with gr.Row(elem_classes="actions"):
                     stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
-                with gr.Accordion("Continue a stopped run", open=False):
-                    with gr.Row():
-                        resume_run = gr.Dropdown(label="Run", allow_custom_value=True, scale=3, elem_id="resume-run")
-                        resume_steps = gr.Number(None, label="max_steps", precision=0,
-                                                 info="Train up to this many steps in all; empty or 0: the run's own.")
-                        resume = gr.Button("Resume", elem_id="resume")
-                status_html = gr.HTML(_status_html(jobs.JobStatus()))
-                loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, elem_id="loss-plot")
+                    next_results = gr.Button("Next: 3. Results", variant="primary", visible=False,
+                                             elem_id="next-results")
+                with gr.Row(elem_classes="settings", visible=False) as live:
+                    loss_plot = gr.LinePlot(_curves(()), x="step", y="loss", color="line", title="Training loss", height=240,
+                                            elem_id="loss-plot", min_width=360,
+                                            color_map={"raw": "#b0b7c3", "smoothed": "#e4572e"})
+                    samples = gr.Gallery(label=SAMPLES_EMPTY, columns=4, height=240, elem_id="samples", min_width=360,
+                                         allow_preview=True, preview=False, fit_columns=False)
+                samples_shown = gr.State(None)
                 selections = gr.Dataframe(label="What the method did", visible=False, interactive=False,
                                           elem_id="method-events")
+
+                preset = gr.Dropdown(label="Preset", visible=False, elem_id="preset", allow_custom_value=True,
+                                     info="Settings for a common goal; everything below stays editable.")
+                preset_about = gr.Markdown(visible=False, elem_id="preset-about")
+                form: dict[str, gr.components.Component] = {}
+                shown = form_spec(default_method)
+                method_setting = next(s for s in settings if s.name == METHOD)
+                with gr.Group():
+                    form[METHOD] = _widget(method_setting)
+                    method_about = gr.Markdown(_method_note(default_method), elem_id="method-about", padding=True)
+                    with gr.Row(elem_classes="settings"):
+                        for s in settings:
+                            if s.read_by is not None:
+                                form[s.name] = _widget(s, s.name in shown.get(s.group, []))
+                for group in ("run", "basic", "data", "sampling", "advanced"):
+                    members = [s for s in settings if s.group == group and s.name not in form]
+                    if not members:
+                        continue
+                    with gr.Accordion(GROUP_TITLES.get(group, group), open=group in OPEN_GROUPS):
+                        with gr.Row(elem_classes="settings"):
+                            for s in members:
+                                if s.name == "data":  # the dataset picker: the named datasets and the bundled one
+                                    form["data"] = gr.Dropdown(label="Dataset (the one on view in step 1)",
+                                                               info=_info(s), allow_custom_value=True,
+                                                               elem_id="field-data", min_width=260)
+                                else:
+                                    form[s.name] = _widget(s, s.name in shown.get(group, []))
+                start = gr.Button("Start training", variant="primary", elem_id="start")
                 with gr.Accordion("Raw status", open=False):
                     job = gr.JSON(label="job")
                 timer = gr.Timer(POLL_SECONDS)
 
-            with gr.Tab("Compare", id="compare") as compare_tab:
-                gr.Markdown("The base model and each chosen run's exported LoRA, on the same prompts, seeds and "
-                            "initial noise. Choose no run to see the base alone.")
-                with gr.Row():
-                    compare_runs = gr.Dropdown(label="Runs", multiselect=True, allow_custom_value=True, scale=3,
-                                               elem_id="compare-runs")
-                    compare_steps = gr.Number(None, label="Denoising steps", precision=0, elem_id="compare-steps",
-                                              info="Empty or 0: the run's sample_steps.")
-                compare_prompts = gr.Textbox(label="Prompts", lines=2, info="One per line; empty: the first run's "
-                                             "sample prompts.", elem_id="compare-prompts")
-                compare_seeds = gr.Textbox("0", label="Seeds", info="Space-separated; each prompt once per seed.")
-                compare_button = gr.Button("Render", variant="primary", elem_id="render")
-                slider = gr.ImageSlider(label="base | run", type="pil", format="png", visible=False, elem_id="slider")
-                compare_gallery = gr.Gallery(label="All images", columns=4, height="auto", format="png")
-                grid_file = gr.File(label="Grid (PNG)")
+            # ------------------------------------------------------------------ 3. Results
+            with gr.Tab("3. Results", id="results") as results_tab:
+                with gr.Tabs(elem_id="results-tabs") as results:
+                    with gr.Tab("Runs", id="runs"):
+                        runs = gr.Dataframe(interactive=False, wrap=True, elem_id="runs", show_label=False,
+                                            column_widths=["25%", "11%", "12%", "14%", "13%", "9%", "16%"])
+                        with gr.Row(equal_height=True, elem_classes="settings"):
+                            run_pick = gr.Dropdown(label="Run", allow_custom_value=True, scale=2, elem_id="run-pick")
+                            more_steps = gr.Number(None, label="Train up to (steps)", precision=0,
+                                                   elem_id="more-steps",
+                                                   info="For Continue: steps in all; 0 or empty: the run's own.")
+                        run_about = gr.Markdown(elem_id="run-about")
+                        with gr.Row(elem_classes="actions"):
+                            continue_run = gr.Button("Continue training", elem_id="continue-run")
+                            to_compare = gr.Button("Compare", elem_id="to-compare")
+                            to_export = gr.Button("Export", elem_id="to-export")
+                            delete_run = gr.Button("Delete run", variant="stop", elem_id="delete-run")
 
-            with gr.Tab("Evaluate", id="evaluate") as evaluate_tab:
-                gr.Markdown("CMMD (lower is closer) between one generated image per training caption and the "
-                            "training images (op-lora.txt Sec. 4.1), with CLIP ViT-L/14 at 336 px.")
-                eval_runs = gr.Dropdown(label="Runs", multiselect=True, allow_custom_value=True, elem_id="eval-runs")
-                with gr.Row():
-                    clip = gr.Radio([("CLIP ViT-L/14-336 (reference)", "reference"),
-                                     ("bundled demo CLIP (offline; ranks demo runs, not comparable to published "
-                                      "CMMD)", DEMO_CLIP)],
-                                    value="reference", label="CLIP", elem_id="clip")
-                    clip_checkpoint = gr.Textbox(label="CLIP weights file", info="Empty: the open_clip / Hugging "
-                                                 "Face cache. Needed once for the reference model when offline.")
-                with gr.Row():
-                    eval_steps = gr.Number(None, label="Denoising steps", precision=0, elem_id="eval-steps",
-                                           info="Empty or 0: the run's sample_steps.")
-                    eval_limit = gr.Number(None, label="Captions", precision=0, elem_id="eval-limit",
-                                           info="Generate for the first N captions only; empty or 0: all.")
-                    base_too = gr.Checkbox(label="Score the base model too")
-                eval_button = gr.Button("Evaluate", variant="primary", elem_id="evaluate")
-                eval_message = gr.Markdown()
-                scores = gr.Dataframe(label="Scores", interactive=False, elem_id="scores")
+                    with gr.Tab("Compare", id="compare"):
+                        gr.Markdown("The base model and each chosen run's LoRA file, on the same prompts, seeds and "
+                                    "starting noise: one column per model, one row per prompt and seed.")
+                        with gr.Row(elem_classes="settings"):
+                            compare_runs = gr.Dropdown(label="Runs", multiselect=True, allow_custom_value=True,
+                                                       scale=3, elem_id="compare-runs")
+                            compare_steps = gr.Number(None, label="Denoising steps", precision=0,
+                                                      elem_id="compare-steps",
+                                                      info="Empty: the first run's sample steps.")
+                        with gr.Row(elem_classes="settings"):
+                            compare_prompts = gr.Textbox(label="Prompts", lines=2, elem_id="compare-prompts", scale=3,
+                                                         info="One per line; empty: the first run's sample prompts.")
+                            compare_seeds = gr.Textbox("0", label="Seeds", elem_id="compare-seeds",
+                                                       info="Separated by spaces; each prompt once per seed.")
+                        compare_button = gr.Button("Render", variant="primary", elem_id="render")
+                        compare_grid = gr.HTML(elem_id="compare-grid")
+                        slider = gr.ImageSlider(label="base | run", type="pil", format="png", visible=False,
+                                                elem_id="slider", max_height=420)
+                        grid_file = gr.File(label="The grid as one PNG", elem_id="grid-file")
 
-            with gr.Tab("Export", id="export") as export_tab:
-                gr.Markdown("The adapter collapsed into LoRA files, each for the programs named in the note below "
-                            "and in its header. `diffusers`: for `pipe.load_lora_weights`. `kohya`: a LoRA method "
-                            "gets one file for ComfyUI (`models/loras`), AUTOMATIC1111/Forge (`models/Lora`) and "
-                            "sd-scripts; a DoRA method gets three, since these programs compute DoRA differently: "
-                            "`_lycoris` (LyCORIS, sd-scripts with LyCORIS), `_comfyui` (ComfyUI and Forge as they "
-                            "are now) and `_a1111` (AUTOMATIC1111 and programs without DoRA: a plain LoRA close to "
-                            "the DoRA, its error in the note). `both`: all of them.")
-                with gr.Row():
-                    export_run = gr.Dropdown(label="Run", allow_custom_value=True, scale=3, elem_id="export-run")
-                    fmt = gr.Radio(list(FORMATS), value="diffusers", label="Format")
-                    dtype = gr.Radio(list(DTYPES), value=EXPORT_DEFAULTS.dtype, label="dtype")
-                export_button = gr.Button("Export", variant="primary", elem_id="export")
-                export_files = gr.File(label="LoRA file(s)", file_count="multiple", elem_id="export-files")
-                snippet = gr.Code(language="python", label="Which file is for which program; loading in diffusers")
+                    with gr.Tab("Evaluate", id="evaluate") as evaluate_tab:
+                        clip_note = gr.Markdown(elem_id="clip-note")
+                        with gr.Row(elem_classes="settings"):
+                            eval_runs = gr.Dropdown(label="Runs", multiselect=True, allow_custom_value=True, scale=2,
+                                                    elem_id="eval-runs")
+                            clip = gr.Radio([("reference CLIP ViT-L/14, 336 px", "reference"),
+                                             ("bundled demo CLIP", DEMO_CLIP)], value="reference", label="CLIP",
+                                            elem_id="clip")
+                            clip_checkpoint = gr.Textbox(label="Reference CLIP weights file", elem_id="clip-file",
+                                                         info="Only when the reference CLIP is not found by itself.")
+                        with gr.Row(elem_classes="settings"):
+                            eval_steps = gr.Number(None, label="Denoising steps", precision=0, elem_id="eval-steps",
+                                                   info="Empty: the run's sample steps.")
+                            eval_limit = gr.Number(None, label="Images", precision=0, elem_id="eval-limit",
+                                                   info="One per training caption; empty: all captions.")
+                            base_too = gr.Checkbox(True, label="Score the base model too", elem_id="base-too",
+                                                   info="Gives the difference column; doubles the images made.")
+                        eval_button = gr.Button("Evaluate", variant="primary", elem_id="evaluate")
+                        eval_message = gr.Markdown(elem_id="eval-message")
+                        gr.Markdown(CMMD_HOW_TO_READ + " *vs base* is the run's CMMD minus the base model's. "
+                                    "Each score is kept per CLIP, image count and steps.")
+                        scores = gr.Dataframe(label="Scores", interactive=False, wrap=True, elem_id="scores",
+                                              column_widths=["20%", "9%", "13%", "8%", "7%", "8%", "8%", "8%", "19%"])
 
-        dataset_outputs = [gallery, captions, rejected, dataset_message]
-        upload.upload(app.upload_dataset, upload, [form["data"], view_dataset, *dataset_outputs],
-                      api_name="upload_dataset")
-        view_dataset.input(app.show_dataset, view_dataset, dataset_outputs, api_name="show_dataset")
+                    with gr.Tab("Export", id="export"):
+                        gr.Markdown("The adapter collapsed into LoRA files. **diffusers**: one file for "
+                                    "`pipe.load_lora_weights`. **kohya**: the file(s) for ComfyUI, AUTOMATIC1111, "
+                                    "Forge and sd-scripts (DoRA methods get one per program family, since they "
+                                    "compute DoRA differently). **both**: all of them.")
+                        with gr.Row(elem_classes="settings"):
+                            export_run = gr.Dropdown(label="Run", allow_custom_value=True, scale=2,
+                                                     elem_id="export-run")
+                            fmt = gr.Radio(list(FORMATS), value="diffusers", label="Format", elem_id="format")
+                            dtype = gr.Radio(list(DTYPES), value=EXPORT_DEFAULTS.dtype, label="Precision",
+                                             elem_id="dtype", info="fp32 is exact; fp16 and bf16 halve the size.")
+                        export_button = gr.Button("Export", variant="primary", elem_id="export")
+                        export_files = gr.File(label="LoRA file(s)", file_count="multiple", elem_id="export-files")
+                        usage = gr.Markdown(elem_id="usage")
+
+        # ---------------------------------------------------------------------- events
+        data_pickers = [view_dataset, form["data"]]
+        dataset_outputs = [gallery, captions, rejected, dataset_message, image, next_train, not_used]
+        create.click(app.create_dataset, dataset_name, [*data_pickers, dataset_name, *dataset_outputs],
+                     api_name="create_dataset")
+        upload.upload(app.add_files, [view_dataset, upload, dataset_name], [*data_pickers, upload, *dataset_outputs],
+                      api_name="add_files")
+        rename.click(app.rename_dataset, [view_dataset, dataset_name], [*data_pickers, dataset_name,
+                                                                         *dataset_outputs], api_name="rename_dataset")
+        delete.click(app.delete_dataset, view_dataset, [*data_pickers, *dataset_outputs], api_name="delete_dataset",
+                     js=f"(d) => confirm('Delete this dataset and its images?') ? d : '{CANCELLED}'")
+        view_dataset.input(app.show_dataset, view_dataset, dataset_outputs, api_name="show_dataset").then(
+            _same, view_dataset, form["data"], api_name="dataset_to_training")
+        form["data"].input(_same, form["data"], view_dataset, api_name="training_to_dataset").then(
+            app.show_dataset, view_dataset, dataset_outputs, api_name="show_training_dataset")
+        image.change(app.pick_image, [view_dataset, image], caption, api_name="pick_image")
+        gallery.select(_gallery_pick, captions, image, api_name="gallery_pick")
+        save_caption.click(app.save_caption, [view_dataset, image, caption], dataset_outputs, api_name="save_caption")
+        remove.click(app.remove_images, [view_dataset, image], dataset_outputs, api_name="remove_images")
         save_button.click(app.save_captions, [view_dataset, captions], dataset_outputs, api_name="save_captions")
+        next_train.click(_to_train, outputs=steps, api_name="go_train")
 
-        method_widgets = [form[s.name] for s in form_settings() if s.read_by is not None]
-        form["method"].change(app.method_changed, form["method"], method_widgets, api_name="method_changed")
-        form["preset"].input(app.preset_changed, form["preset"], [form[s.name] for s in form_settings()],
-                             api_name="preset_changed")
-        status_outputs = [status_html, loss_plot, selections, job, start, stop]
-        start.click(_keyword_handler(app.start_training, form), inputs_kwargs=form, outputs=status_outputs, api_name="start_training")
+        preset_outputs = [form[s.name] for s in settings] + [method_about, preset_about]
+        preset.input(app.apply_preset, preset, preset_outputs, api_name="apply_preset")
+        method_widgets = [form[s.name] for s in settings if s.read_by is not None]
+        form[METHOD].change(app.method_changed, form[METHOD], [*method_widgets, method_about],
+                            api_name="method_changed")
+        status_outputs = [status_html, loss_plot, selections, job, start, stop, samples, samples_shown,
+                          next_results, live]
+        start.click(_keyword_handler(app.start_training, form), inputs_kwargs=form, outputs=status_outputs,
+                    api_name="start_training", js="(...args) => { window.scrollTo({top: 0}); return args; }")
         stop.click(app.stop_training, outputs=status_outputs, api_name="stop_training")
-        resume.click(app.resume_training, [resume_run, resume_steps], status_outputs, api_name="resume_training")
-        timer.tick(app.poll, outputs=status_outputs, api_name="status", show_progress="hidden")
+        timer.tick(app.poll, samples_shown, status_outputs, api_name="status", show_progress="hidden")
+
+        run_pick.change(app.describe_run, run_pick, run_about, api_name="describe_run")
+        runs.select(app.run_selected, runs, run_pick, api_name="run_selected")
+        continue_run.click(app.resume_training, [run_pick, more_steps], status_outputs, api_name="resume_training"
+                           ).success(_to_train, outputs=steps, api_name="go_train_after_resume")
+        to_compare.click(_to_compare, run_pick, [compare_runs, results], api_name="compare_run")
+        to_export.click(_to_export, run_pick, [export_run, results], api_name="export_run")
+        list_outputs = [compare_runs, eval_runs, export_run, run_pick, runs, scores]
+        delete_run.click(app.delete_run, run_pick, [*list_outputs, run_about], api_name="delete_run",
+                         js=f"(r) => confirm('Delete run ' + r + ' and its files?') ? r : '{CANCELLED}'")
 
         compare_button.click(app.compare, [compare_runs, compare_prompts, compare_seeds, compare_steps],
-                             [slider, compare_gallery, grid_file], api_name="compare")
+                             [slider, compare_grid, grid_file], api_name="compare")
+        evaluate_tab.select(app.clip_status, outputs=[clip_note, clip], api_name="clip_status")
         eval_button.click(app.evaluate, [eval_runs, clip, clip_checkpoint, eval_steps, eval_limit, base_too],
                           [scores, eval_message], api_name="evaluate")
-        export_button.click(app.export_lora, [export_run, fmt, dtype], [export_files, snippet], api_name="export")
+        export_button.click(app.export_lora, [export_run, fmt, dtype], [export_files, usage], api_name="export")
 
-        list_inputs = [form["data"], compare_runs, eval_runs, export_run, resume_run]
-        lists = [form["data"], view_dataset, *list_inputs[1:], scores]
+        list_inputs = [view_dataset, compare_runs, eval_runs, export_run, run_pick]
+        lists = [view_dataset, form["data"], *list_outputs, run_about]
         demo.load(app.refresh, list_inputs, lists, api_name="refresh").then(
+            app.restore_form, outputs=[*(form[s.name] for s in settings), method_about, view_dataset],
+            api_name="restore_form").then(
             app.show_dataset, view_dataset, dataset_outputs, api_name="show_dataset_on_load")
-        demo.load(app.poll, outputs=status_outputs, api_name="status_on_load")
-        for tab in (dataset_tab, train_tab, compare_tab, evaluate_tab, export_tab):
+        demo.load(app.presets, outputs=[preset, preset_about], api_name="presets")
+        demo.load(app.poll, samples_shown, status_outputs, api_name="status_on_load")
+        demo.load(app.clip_status, outputs=[clip_note, clip], api_name="clip_status_on_load")
+        for tab in (dataset_tab, train_tab, results_tab):  # sub-tabs share the lists of their step
             tab.select(app.refresh, list_inputs, lists, api_name=f"refresh_{tab.id}")
+        next_results.click(app.to_results, list_inputs, [steps, results, *lists], api_name="go_results")
     return demo
 
 
-def serve(output_dir: str | Path = "runs", host: str = "127.0.0.1", port: int | None = None,
-          max_upload_mb: float = 500, block: bool = True) -> gr.Blocks:
+def _same(dataset: str | None) -> str | None:
+    """The dataset on view is the one training uses: each picker follows the other."""
+    return dataset
+
+
+def _to_train() -> gr.Tabs:
+    """The Train step."""
+    return gr.Tabs(selected="train")
+
+
+def _to_compare(run: str | None) -> tuple:
+    """The runs list's Compare: the run chosen for comparing, the Compare tab open."""
+    return gr.update(value=[run] if run else []), gr.Tabs(selected="compare")
+
+
+def _to_export(run: str | None) -> tuple:
+    """The runs list's Export: the run chosen for export, the Export tab open."""
+    return gr.update(value=run), gr.Tabs(selected="export")
+
+
+def _gallery_pick(table: list[list[str]] | None, evt: gr.SelectData) -> str | None:
+    """The image a click on the thumbnails chose: the thumbnails are in the captions table's order."""
+    rows = [row for row in table or [] if row and row[0]]
+    return rows[evt.index][0] if isinstance(evt.index, int) and 0 <= evt.index < len(rows) else None
+
+
+def resolve_address(host: str | None = None, port: int | None = None) -> tuple[str, int]:
+    """The address to serve on: the flags when given, else GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else
+    127.0.0.1:7860."""
+    host = host or os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
+    if port is None:
+        text = os.environ.get("GRADIO_SERVER_PORT")
+        try:
+            port = int(text) if text else DEFAULT_PORT
+        except ValueError:
+            raise SystemExit(f"GRADIO_SERVER_PORT must be a port number, got {text!r}") from None
+    return host, port
+
+
+def serve(output_dir: str | Path = "runs", host: str | None = None, port: int | None = None,
+          max_upload_mb: float = 500, block: bool = True, **launch: object) -> gr.Blocks:
     """Build and launch the GUI; return the running Blocks (with `block=False`, at once, serving in a thread).
 
-    Uploads and every file the page shows live under `output_dir`, which is also the only folder files are
-    served from; uploads over `max_upload_mb` are refused.
+    `host` / `port` default to GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else 127.0.0.1:7860. Uploads and every file
+    the page shows live under `output_dir`, which is also the only folder files are served from; uploads over
+    `max_upload_mb` are refused. Further keyword arguments go to `gr.Blocks.launch`.
     """
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     # gradio keeps uploads and the files it serves in GRADIO_TEMP_DIR; read when components are built.
     os.environ["GRADIO_TEMP_DIR"] = str(output_dir / GUI_CACHE_DIR)
     max_upload_bytes = int(max_upload_mb * 2**20)
+    host, port = resolve_address(host, port)
     demo = build_app(output_dir, max_upload_bytes)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=False, max_file_size=max_upload_bytes,
-                allowed_paths=[str(output_dir)],
-                prevent_thread_lock=not block, quiet=not block, show_error=True, footer_links=["api"])
+                allowed_paths=[str(output_dir)], css=CSS,
+                prevent_thread_lock=not block, quiet=not block, show_error=True, footer_links=["api"], **launch)
     return demo
 
 
 def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
-    """Return the GUI's argument parser (`python app.py` and `opdiff-app` share it)."""
+    """Return the GUI's argument parser (`python app.py` and `opdiff-app` share it); its options are `serve`'s
+    keyword arguments."""
     parser = argparse.ArgumentParser(prog=prog, description="Start the opdiff web GUI.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind; 0.0.0.0 exposes the GUI (and training on this machine) to the network")
-    parser.add_argument("--port", type=int, default=7860, help="port to listen on")
+    parser.add_argument("--host", default=None,
+                        help=f"address to bind (default: GRADIO_SERVER_NAME, else {DEFAULT_HOST}); 0.0.0.0 exposes "
+                             "the GUI (and training on this machine) to the network")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"port to listen on (default: GRADIO_SERVER_PORT, else {DEFAULT_PORT})")
     parser.add_argument("--output-dir", type=Path, default=Path("runs"),
-                        help="folder for runs, uploaded datasets and exports; the only folder files are served from")
+                        help="folder for runs, datasets and exports; the only folder files are served from")
     parser.add_argument("--max-upload-mb", type=float, default=500, help="largest file the page accepts, in MB")
     return parser
 
@@ -586,7 +1102,7 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "app.py") -> int:
     """Parse the flags and serve the GUI until interrupted; return the exit status."""
     args = build_parser(prog).parse_args(argv)
-    serve(args.output_dir, args.host, args.port, args.max_upload_mb)
+    serve(**vars(args))
     return 0
 
 

@@ -151,15 +151,40 @@ def _build_model(model_name: str, weights: Path | None, device: torch.device, se
     return model
 
 
+def cached_weights(model_name: str = REFERENCE_MODEL) -> Path | None:
+    """Return the file of `model_name`'s OpenAI weights in the Hugging Face or OpenAI cache, or None; never
+    touches the network."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    cfg = open_clip.get_pretrained_cfg(model_name, REFERENCE_PRETRAINED_TAG) or {}
+    hub_repo, hub_file = os.path.split(cfg.get("hf_hub", ""))
+    if hub_repo:
+        for filename in [hub_file] if hub_file else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]:
+            cached = try_to_load_from_cache(hub_repo, filename, cache_dir=_hub_cache_dir())
+            if isinstance(cached, str):
+                return Path(cached)
+    if cfg.get("url"):
+        legacy = _OPENAI_URL_CACHE.expanduser() / os.path.basename(cfg["url"])
+        if legacy.is_file():
+            return legacy
+    return None
+
+
+def download_allowed() -> bool:
+    """Whether the environment lets weights be downloaded (HF_HUB_OFFLINE is not set)."""
+    from huggingface_hub import constants as hf_constants
+
+    return not (_env_true("HF_HUB_OFFLINE") or hf_constants.is_offline_mode())
+
+
 def _find_pretrained_weights(model_name: str) -> Path:
     """Return the path of `model_name`'s OpenAI weights, from the caches or (where allowed) a download.
 
     Raises ClipWeightsMissing when they cannot be had.
     """
     import open_clip
-    from huggingface_hub import constants as hf_constants
-    from huggingface_hub import try_to_load_from_cache
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
     cfg = open_clip.get_pretrained_cfg(model_name, REFERENCE_PRETRAINED_TAG)
     if not cfg:
@@ -167,24 +192,16 @@ def _find_pretrained_weights(model_name: str) -> Path:
             f"open_clip has no '{REFERENCE_PRETRAINED_TAG}' weights for model {model_name!r}; "
             f"pass a checkpoint file with --clip-checkpoint PATH."
         )
-    hub_repo, hub_file = os.path.split(cfg.get("hf_hub", ""))
-    url = cfg.get("url", "")
     how_to = _how_to_provide_weights(model_name)
     cache_dir = _hub_cache_dir()
 
     # 1. Caches first, without touching the network.
-    if hub_repo:
-        for filename in [hub_file] if hub_file else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]:
-            cached = try_to_load_from_cache(hub_repo, filename, cache_dir=cache_dir)
-            if isinstance(cached, str):
-                return Path(cached)
-    if url:
-        legacy = _OPENAI_URL_CACHE.expanduser() / os.path.basename(url)
-        if legacy.is_file():
-            return legacy
+    cached = cached_weights(model_name)
+    if cached is not None:
+        return cached
 
     # 2. Download, where the environment allows it.
-    if _env_true("HF_HUB_OFFLINE") or hf_constants.is_offline_mode():
+    if not download_allowed():
         raise ClipWeightsMissing(
             f"CLIP weights for {model_name} (open_clip tag '{REFERENCE_PRETRAINED_TAG}') are not in the cache "
             f"{cache_dir} and HF_HUB_OFFLINE is set, so they cannot be downloaded.\n{how_to}"

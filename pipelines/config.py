@@ -69,7 +69,7 @@ class TrainConfig(Settings):
 
     lr: float = option(1e-4, "Learning rate. Lower it if the loss jumps or turns NaN; raise it if nothing changes.",
                        group="basic", ref="AdamW, constant; op-lora.txt Sec. 4.1", label="learning rate", above=0)
-    epochs: int = option(2, "Passes over the dataset.", group="basic", ref="op-lora.txt Sec. 4.1: two epochs",
+    epochs: int = option(2, "How many times training goes through all the images.", group="basic", ref="op-lora.txt Sec. 4.1: two epochs",
                          minimum=1)
     max_steps: int | None = option(None, "Stop after this many training steps.", group="basic", minimum=1,
                                    none_means="epochs full passes over the dataset", label="max steps")
@@ -113,7 +113,9 @@ class TrainConfig(Settings):
     noise_offset: float = option(0.0, "Add this much per-channel constant to the training noise, so the model "
                                  "learns very dark and very bright images; 0.0357 to 0.1 is usual.", group="basic",
                                  minimum=0, label="noise offset")
-    weight_decay: float = option(1e-2, "Weight decay of the optimizer.", label="weight decay", minimum=0)
+    weight_decay: float = option(1e-2, "Pulls the adapter's weights slightly toward zero at every step, against "
+                                 "overfitting a small dataset; rarely needs changing.", label="weight decay",
+                                 ref="the optimizer's decoupled weight decay", minimum=0)
 
     caption: str | None = option(None, "Caption for images that have none.", group="data",
                                  none_means="images without a caption are skipped", label="default caption")
@@ -160,7 +162,8 @@ class TrainConfig(Settings):
     compile: str | None = option(None, "Compile the U-Net's training step with torch.compile and this backend "
                                  "(inductor is fastest; the first step waits minutes for the compiler).",
                                  none_means="no compilation", label="compile backend")
-    device: str | None = option(None, "Torch device, e.g. cuda:1.", none_means="cuda when available, else cpu")
+    device: str | None = option(None, "Which GPU (or the CPU) trains, e.g. cuda:1 for the second GPU.",
+                                none_means="the first GPU when there is one, else the CPU")
     log_with: LogWith = option("auto", "Where the loss, learning rate and samples are logged besides losses.csv.",
                                choice_help=("TensorBoard when it is installed (opdiff[tensorboard]).",
                                             "TensorBoard event files in tensorboard/ of the run folder.",

@@ -93,6 +93,7 @@ def scan_dataset(
     extract_to: str | Path | None = None,
     min_side: int = MIN_IMAGE_SIDE,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    allow_empty: bool = False,
 ) -> Dataset:
     """Return the usable examples under `path` (a folder or a `.zip`), each image fully decoded once to check it.
 
@@ -101,7 +102,7 @@ def scan_dataset(
     skipped). A zip is checked and extracted into `extract_to` (a folder this function owns: replaced when it
     holds another archive's files; default: a new temporary folder the caller deletes). Every file not used is
     logged by name with the reason and listed in `Dataset.skipped`. Raises ValueError when the zip is refused or
-    no usable example remains.
+    no usable example remains (with `allow_empty`, an empty Dataset is returned instead).
     """
     root = _unpacked(Path(path), None if extract_to is None else Path(extract_to))
     if (root / METADATA_FILE).is_file():
@@ -123,7 +124,7 @@ def scan_dataset(
         log.warning("skipping %s: %s", name, reason)
     for name, note in converted:
         log.info("using %s: %s", name, note)
-    if not examples:
+    if not examples and not allow_empty:
         detail = "; ".join(f"{n}: {r}" for n, r in skipped) or f"no {'/'.join(IMAGE_EXTENSIONS)} files found"
         raise ValueError(f"dataset {path} has no usable images ({detail})")
     return Dataset(root, examples, skipped, digest.hexdigest(), converted)

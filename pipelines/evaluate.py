@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from metrics import ClipEmbedder, ClipWeightsMissing, cmmd
-from metrics.clip import IMAGE_EXTENSIONS, REFERENCE_MODEL
+from metrics.clip import IMAGE_EXTENSIONS, REFERENCE_MODEL, cached_weights, download_allowed
 from opdiff.settings import Settings, option
 from pipelines.captions import CaptionRules
 from pipelines.config import REPO_ROOT
@@ -31,8 +31,9 @@ from pipelines.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipOptions", "ClipWeightsMissing", "CmmdConfig", "EvalConfig", "cmmd_dirs", "evaluate_run", "load_embedder",
-           "trust_label"]  # ClipWeightsMissing: the GUI reaches metrics through pipelines
+__all__ = ["REFERENCE_MODEL", "ClipAvailability", "ClipOptions", "ClipWeightsMissing", "CmmdConfig", "EvalConfig",
+           "clip_availability", "cmmd_dirs", "evaluate_run", "load_embedder", "trust_label"]
+# ClipWeightsMissing, REFERENCE_MODEL: the GUI reaches metrics through pipelines
 
 IMAGES_DIR = "images"
 BASE_IMAGES_DIR = "base-images"
@@ -74,6 +75,24 @@ def load_embedder(options: ClipOptions | None = None) -> ClipEmbedder:
         return ClipEmbedder.load(f"local-dir:{BUNDLED_CLIP}", checkpoint=BUNDLED_CLIP / "open_clip_model.safetensors",
                                  device=device)
     return ClipEmbedder.load(options.clip_model or REFERENCE_MODEL, checkpoint=options.clip_checkpoint, device=device)
+
+
+@dataclass(frozen=True)
+class ClipAvailability:
+    """Which CLIP models can score here, found without loading or downloading anything."""
+
+    reference: Path | None
+    """The reference model's weights file in the local caches, or None."""
+    can_download: bool
+    """Whether the reference weights may be downloaded (HF_HUB_OFFLINE is not set); a download may still fail."""
+    demo: bool
+    """Whether the bundled demo CLIP is present."""
+
+
+def clip_availability() -> ClipAvailability:
+    """Return which CLIP models are available now (the reference's caches are looked up; nothing is loaded)."""
+    return ClipAvailability(cached_weights(REFERENCE_MODEL), download_allowed(),
+                            (BUNDLED_CLIP / "open_clip_model.safetensors").is_file())
 
 
 def trust_label(embedder: ClipEmbedder) -> str:
@@ -132,8 +151,11 @@ def generate_for_captions(
     steps: int = 20,
     guidance_scale: float = 5.0,
     desc: str = "generate",
+    on_image: Callable[[], None] | None = None,
 ) -> list[Path]:
     """Generate one image per caption with `pipe` as it is; return the PNG paths, `out_dir/<index>.png`.
+
+    `on_image()` is called after each image is saved (a progress display).
 
     Caption i is sampled from seed `seed + i` (CPU noise, so a seed gives the same start on any device), and
     its text goes next to the image as `<index>.txt`, which makes `out_dir` a captioned dataset. Whatever
@@ -152,6 +174,8 @@ def generate_for_captions(
         image.save(path)
         path.with_suffix(".txt").write_text(caption, encoding="utf-8")
         paths.append(path)
+        if on_image is not None:
+            on_image()
     return paths
 
 
@@ -172,7 +196,8 @@ class EvalConfig(Settings):
                             group="basic", label="score the base too")
 
 
-def evaluate_run(cfg: EvalConfig, embedder: ClipEmbedder) -> dict:
+def evaluate_run(cfg: EvalConfig, embedder: ClipEmbedder,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
     """Score a training run by op-lora.txt Sec. 4.1; write and return `run_dir/cmmd.json`.
 
     One image per training caption (the first `limit` captions when given) from the run's base model with its
@@ -180,7 +205,9 @@ def evaluate_run(cfg: EvalConfig, embedder: ClipEmbedder) -> dict:
     `run_dir/eval/images/`; then CMMD against all of the run's training images. `steps` and `guidance_scale`
     default to the run's sampling settings. With `base_too`, the base model is scored the same way on the same
     seeds (`base_cmmd`, images under `run_dir/eval/base-images/`). The result holds cmmd, n_images, clip_model,
-    trustworthy, steps, seed, guidance_scale, n_reference (and base_cmmd).
+    trustworthy, steps, seed, guidance_scale, n_reference (and base_cmmd); it is also kept in `scores.json`
+    beside the run's other scores, replacing only one made with the same CLIP, image count, steps, seed and
+    guidance (`RunDir.SCORE_KEY`). `progress(done, total)` is called after each generated image.
     """
     run = RunDir(cfg.run_dir)
     for required in (run.config, run.lora):
@@ -201,7 +228,16 @@ def evaluate_run(cfg: EvalConfig, embedder: ClipEmbedder) -> dict:
 
     pipe = load_pipeline(config["base"], device=cfg.clip.device, vae=settings.get("vae"))
     pipe.load_lora_weights(str(run.lora))
-    generate = {"size": settings["resolution"], "seed": cfg.seed, "steps": steps, "guidance_scale": guidance_scale}
+    done, total = 0, len(captions) * (2 if cfg.base_too else 1)
+
+    def image_done() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    generate = {"size": settings["resolution"], "seed": cfg.seed, "steps": steps, "guidance_scale": guidance_scale,
+                "on_image": image_done}
     adapted = generate_for_captions(pipe, captions, run.eval_dir / IMAGES_DIR, desc="eval: adapted", **generate)
     base = None
     if cfg.base_too:
@@ -223,6 +259,7 @@ def evaluate_run(cfg: EvalConfig, embedder: ClipEmbedder) -> dict:
         n_reference=len(dataset),
     )
     run.write_cmmd(result)  # a reader never sees half a file
+    run.add_score(result)
     return result
 
 

@@ -8,9 +8,12 @@
       events.json                    what the method did while training (e.g. matrices given MPO cores)
       lora.safetensors, lora_kohya.safetensors   the collapsed LoRA (written at the end)
       samples.png                    base vs adapted grid
-      samples/step-000100.png        samples while training (`sample_every`): step 0 is the base
+      samples/step-000100.png        sample grids rendered while training (`sample_every`; step 0 is the base),
+                                     shown by the GUI as they arrive
       tensorboard/                   TensorBoard event files (loss, smoothed loss, lr, samples)
-      cmmd.json, eval/               `opdiff eval`'s score and images
+      cmmd.json, eval/               `opdiff eval`'s latest score and images
+      scores.json                    every score kept, one per CLIP model, image count and steps
+      error.txt                      why the run failed, when it did
       dataset/                       a zip dataset, extracted
 
 Every write goes through a temporary file and a rename, so a crash never leaves half a file.
@@ -54,10 +57,15 @@ class RunDir:
     LORA = "lora.safetensors"
     CMMD = "cmmd.json"
     GRID = "samples.png"
-    EVAL = "eval"
-    DATASET = "dataset"
     SAMPLES = "samples"
+    EVAL = "eval"
+    SCORES = "scores.json"
+    ERROR = "error.txt"
+    DATASET = "dataset"
     TENSORBOARD = "tensorboard"
+    IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+    SCORE_KEY = ("clip_model", "n_images", "steps", "seed", "guidance_scale")
+    """What makes two scores of a run comparable: a new score with the same values replaces the old one."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -81,9 +89,11 @@ class RunDir:
     lora = property(lambda self: self.path / self.LORA)
     cmmd = property(lambda self: self.path / self.CMMD)
     grid = property(lambda self: self.path / self.GRID)
+    samples_dir = property(lambda self: self.path / self.SAMPLES)
+    scores = property(lambda self: self.path / self.SCORES)
+    error = property(lambda self: self.path / self.ERROR)
     eval_dir = property(lambda self: self.path / self.EVAL)
     dataset_dir = property(lambda self: self.path / self.DATASET)
-    samples_dir = property(lambda self: self.path / self.SAMPLES)
     tensorboard_dir = property(lambda self: self.path / self.TENSORBOARD)
 
     def sample_grid(self, step: int) -> Path:
@@ -159,3 +169,40 @@ class RunDir:
     def write_cmmd(self, result: dict) -> None:
         """Write the `opdiff eval` result atomically."""
         atomic_write_text(self.cmmd, json.dumps(result, indent=2))
+
+    # -- scores.json (every evaluation kept, keyed by SCORE_KEY)
+
+    def read_scores(self) -> list[dict]:
+        """Return every kept score, oldest first; a run evaluated before scores were kept gives its cmmd.json."""
+        if self.scores.is_file():
+            return json.loads(self.scores.read_text(encoding="utf-8"))
+        latest = self.read_cmmd()
+        return [latest] if latest is not None else []
+
+    def add_score(self, result: dict) -> bool:
+        """Keep `result` in scores.json, replacing a score with the same SCORE_KEY; return whether it replaced
+        one."""
+        key = tuple(result.get(k) for k in self.SCORE_KEY)
+        kept = [r for r in self.read_scores() if tuple(r.get(k) for k in self.SCORE_KEY) != key]
+        replaced = len(kept) < len(self.read_scores())
+        atomic_write_text(self.scores, json.dumps([*kept, result], indent=2))
+        return replaced
+
+    # -- samples/ (written while training)
+
+    def list_samples(self) -> list[Path]:
+        """Return the images in samples/, in name order (step order for `step-XXXXXX` names); empty without any."""
+        if not self.samples_dir.is_dir():
+            return []
+        return sorted(p for p in self.samples_dir.iterdir()
+                      if p.is_file() and p.suffix.lower() in self.IMAGE_SUFFIXES)
+
+    # -- error.txt
+
+    def read_error(self) -> str | None:
+        """Return why the run failed, or None when it has not failed."""
+        return self.error.read_text(encoding="utf-8") if self.error.is_file() else None
+
+    def write_error(self, message: str) -> None:
+        """Record why the run failed (listed with the run until it is resumed)."""
+        atomic_write_text(self.error, message)

@@ -6,6 +6,7 @@ shows what the exported file does, not what the training process held in memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,11 +59,12 @@ class Comparison:
     """(label "seed S: prompt", one image per column)."""
 
 
-def sample(cfg: SampleConfig) -> Comparison:
+def sample(cfg: SampleConfig, progress: Callable[[int, int], None] | None = None) -> Comparison:
     """Render base and every adapter on the same prompts, seeds and initial noise; return the comparison.
 
     `cfg.source` is a run folder (its base, its `lora.safetensors`, and its sample prompts, seeds, steps and
     resolution as defaults) or a base model (diffusers folder, single file, hub id) compared against `cfg.lora`.
+    `progress(done, total)` is called after each image.
     """
     run = RunDir(cfg.source)
     config = run.read_config() if run.is_run() else None
@@ -80,9 +82,14 @@ def sample(cfg: SampleConfig) -> Comparison:
     for path, name in zip(loras, names, strict=True):
         pipe.load_lora_weights(str(path), adapter_name=name)
     comparison = Comparison(["base"] + [_title(p) for p in loras])
+    total = len(prompts) * len(seeds) * (1 + len(names))
     for prompt in prompts:
         for seed in seeds:
-            images = [_render(pipe, name, prompt, seed, size, steps, guidance_scale) for name in [None, *names]]
+            images = []
+            for name in [None, *names]:
+                images.append(_render(pipe, name, prompt, seed, size, steps, guidance_scale))
+                if progress is not None:
+                    progress(len(comparison.rows) * (1 + len(names)) + len(images), total)
             comparison.rows.append((f"seed {seed}: {prompt}", images))
     return comparison
 

@@ -1,8 +1,11 @@
-"""The GUI in a real browser (Debian's Chromium, headless, through Playwright): upload the demo images, train,
-watch the progress, reload the page and find the same run still going, stop it, compare, evaluate and download
-the export; and the refusals a user sees in the page (upload too large, unsafe zip).
+"""The GUI in a real browser (Debian's Chromium, headless, through Playwright), walked as a person would: create a
+named dataset from images, add a zip to it, fix a caption, train a method that has its own settings and watch its
+progress and samples, reload and find the same form and run, train a second run, compare the two (every image
+checked against its column and row), evaluate with the bundled demo CLIP, and export both formats (the diffusers
+file is loaded with `load_lora_weights`). And the refusals a user sees in the page (upload too large, unsafe zip).
 
-Every tab is saved as a screenshot under the test's tmp folder.
+Every step is saved as a screenshot at 1280 and 820 px wide under the test's tmp folder (copied to
+$OPDIFF_SCREENSHOTS when set).
 """
 
 from __future__ import annotations
@@ -16,14 +19,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from test_app_api import free_port, load_app
+
+from pipelines import jobs
+from pipelines.model import load_pipeline
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 MAX_UPLOAD_MB = 0.1
+WIDTHS = (1280, 820)
 STEP = re.compile(r"step (\d+) / (\d+)")
+RUN_NAME = re.compile(r"\b(\S+-\d{8}-\d{6}(?:-\d+)?)\b")
 
 pytestmark = [
     pytest.mark.slow,
@@ -55,7 +64,7 @@ def browser():
 def page(browser, server):
     """A fresh page on the app; requests that leave the machine are recorded and blocked (the app works offline)."""
     url = server[0]
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    context = browser.new_context(viewport={"width": WIDTHS[0], "height": 900}, accept_downloads=True)
     page = context.new_page()
     page.outside = []
 
@@ -76,16 +85,21 @@ def page(browser, server):
 
 
 def wait_until_loaded(page) -> None:
-    """Wait for the page's load events (run and dataset lists, the dataset on view) to have finished."""
-    page.locator("#dataset-message").filter(has_text="usable image").wait_for()
+    """Wait for the page's load events (dataset and run lists, the dataset on view) to have finished."""
+    page.locator("#dataset-message").filter(has_text="image(s)").wait_for()
 
 
 def open_tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name).click()
+    page.get_by_role("tab", name=name, exact=True).click()
 
 
-def shot(page, folder: Path, name: str) -> None:
-    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+def shots(page, folder: Path, name: str) -> None:
+    """Save the whole page at each width as `<name>-<width>.png`, then go back to the first width."""
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(1000)  # the layout and the plot settle
+        page.screenshot(path=str(folder / f"{name}-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": WIDTHS[0], "height": 900})
 
 
 def progress(page) -> tuple[str, int]:
@@ -93,7 +107,7 @@ def progress(page) -> tuple[str, int]:
     status = page.locator("#job-status")
     status.filter(has_text=STEP).wait_for()
     text = status.inner_text()
-    return re.search(r"\b(\S+-\d{8}-\d{6}(?:-\d+)?)\b", text).group(1), int(STEP.search(text).group(1))
+    return RUN_NAME.search(text).group(1), int(STEP.search(text).group(1))
 
 
 def wait_for_step_above(page, step: int, timeout: float = 30) -> tuple[str, int]:
@@ -106,101 +120,212 @@ def wait_for_step_above(page, step: int, timeout: float = 30) -> tuple[str, int]
     raise AssertionError(f"training stuck at step {step}")
 
 
-def choose(page, dropdown: str, option: str) -> None:
-    """Pick `option` (a substring of its label) in the gradio dropdown with elem_id `dropdown`."""
-    page.locator(f"#{dropdown} input").click()
-    page.get_by_role("option", name=re.compile(re.escape(option))).click()
+def choose(page, dropdown: str, *options: str, multi: bool = False) -> None:
+    """Pick `options` (substrings of their labels) in the gradio dropdown with elem_id `dropdown`, waiting for each
+    to show as chosen (a multiselect shows each as a token, a single one in its box)."""
+    box = page.locator(f"#{dropdown}")
+    for option in options:
+        box.locator("input").click()
+        page.get_by_role("option", name=re.compile(re.escape(option))).first.click()
+        if multi:
+            sync_api.expect(box.locator(".token").filter(has_text=option)).to_have_count(1)
+        else:
+            sync_api.expect(box.locator("input")).to_have_value(re.compile(re.escape(option)))
     page.keyboard.press("Escape")
 
 
-def test_upload_train_reload_stop_compare_evaluate_export(page, server, bundled_data, tmp_path):
+def fill(page, field: str, value: object) -> None:
+    page.locator(f"#{field} input, #{field} textarea").first.fill(str(value))
+
+
+def test_the_whole_flow_as_a_person_walks_it(page, server, bundled_data, bundled_model, tmp_path):
+    url, out = server
+    method, own = _method_with_settings()
+
+    # 1. Dataset: a named dataset from four captioned images, then a zip of two more; fix one caption.
+    fill(page, "dataset-name", "Shapes")
+    page.click("#create-dataset")
+    page.locator("#dataset-message").filter(has_text="Created Shapes").wait_for()
+    assert page.locator("#view-dataset input").input_value().startswith("Shapes")
     files = []
     for image in sorted(bundled_data.glob("*.png"))[:4]:
         files += [image, image.with_suffix(".txt")]
     page.locator("#upload input[type=file]").set_input_files(files)
-    page.locator("#dataset-message").filter(has_text=re.compile(r"upload-[\d-]+: 4 usable image")).wait_for()
-    assert page.locator("#captions").get_by_text("a painting of a purple circle").count() == 1
-    assert page.locator("#view-dataset input").input_value().startswith("upload-")
-    shot(page, tmp_path, "1-dataset")
+    page.locator("#dataset-message").filter(has_text="Shapes: 4 image(s)").wait_for()
+    assert page.locator("#upload input[type=file]").count() == 1  # the box is empty again, ready for more
+    archive = tmp_path / "more.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for image in sorted(bundled_data.glob("*.png"))[4:6]:
+            z.write(image, image.name)
+            z.write(image.with_suffix(".txt"), image.with_suffix(".txt").name)
+    page.locator("#upload input[type=file]").set_input_files(archive)
+    page.locator("#dataset-message").filter(has_text="Shapes: 6 image(s)").wait_for()
+    assert "already" not in page.locator("#dataset-message").inner_text()
+    page.locator("#thumbnails .thumbnail-item").nth(2).click()  # the third image, chosen by its thumbnail
+    sync_api.expect(page.locator("#image input")).to_have_value("demo_02.png")
+    caption_file = _dataset_folder(out, "Shapes") / "demo_02.txt"
+    sync_api.expect(page.locator("#caption textarea")).to_have_value(caption_file.read_text())  # its caption
+    fill(page, "caption", "a red triangle, opdiff style")
+    page.click("#save-caption")
+    page.locator("#dataset-message").filter(has_text="Caption of demo_02.png saved").wait_for()
+    assert caption_file.read_text() == "a red triangle, opdiff style"
+    shots(page, tmp_path, "1-dataset")
 
-    open_tab(page, "Train")
-    assert "upload-" in page.locator("#field-data input").input_value()  # the upload is selected for training
-    page.get_by_text("Method settings").click()  # open the accordion: only the chosen method's settings are in it
-    assert not page.locator("#field-op_width").is_visible()
-    choose(page, "field-method", "op-lora: OP-LoRA")
-    page.locator("#field-op_width").wait_for(state="visible")
-    assert not page.locator("#field-select_every").is_visible()
-    choose(page, "field-method", "lora: LoRA")
-    page.locator("#field-op_width").wait_for(state="hidden")
-    page.locator("#field-max_steps input").fill("100000")
-    page.locator("#field-lr input").fill("0.01")
+    # 2. Train: the dataset on view is the one used; a preset when there is one; a method with its own settings.
+    page.click("#next-train")
+    assert "Shapes" in page.locator("#field-data input").input_value()
+    preset = page.locator("#preset")
+    if preset.is_visible():
+        preset.locator("input").click()
+        page.get_by_role("option").first.click()
+    else:
+        print("no preset is defined yet: the preset picker is hidden")
+    assert not page.locator(f"#field-{own.name}").is_visible()
+    choose(page, "field-method", _method_label(method))
+    page.locator(f"#field-{own.name}").wait_for(state="visible")
+    assert page.locator("#method-about").inner_text().strip()
+    fill(page, f"field-{own.name}", own.default + 1)
+    fill(page, "field-max_steps", 100_000)
+    fill(page, "field-lr", 0.01)
     page.click("#start")
     run, first = progress(page)
+    assert page.evaluate("window.scrollY") == 0  # the progress is in view
+    samples = out / run / "samples"  # what training writes while it runs; placed here by the test
+    samples.mkdir(exist_ok=True)
+    Image.new("RGB", (64, 64), "purple").save(samples / "step-000000.png")
+    page.locator("#samples").get_by_text("step 000000").wait_for()
     _, later = wait_for_step_above(page, first)
-    shot(page, tmp_path, "2-train")
+    page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for()
+    shots(page, tmp_path, "2-train")
+    for fold in ("Captions and images", "Sample images", "Advanced: memory, speed, devices"):
+        page.get_by_role("button", name=re.compile(re.escape(fold))).click()
+    page.locator("#field-gradient_checkpointing").wait_for(state="visible")
+    shots(page, tmp_path, "2-train-all-settings")
 
+    # Reload: the same run, the same form.
     page.reload()
     wait_until_loaded(page)
-    open_tab(page, "Train")
-    same_run, after_reload = wait_for_step_above(page, later)
+    open_tab(page, "2. Train")
+    same_run, _ = wait_for_step_above(page, later)
     assert same_run == run  # the run lives in the server, not in the page
-    page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for()
-    shot(page, tmp_path, "3-train-after-reload")
+    assert page.locator("#field-method input").input_value() == _method_label(method)
+    page.locator(f"#field-{own.name}").wait_for(state="visible")
+    assert page.locator(f"#field-{own.name} input").input_value() == str(own.default + 1)
+    assert page.locator("#field-max_steps input").input_value() == "100000"
+    assert "Shapes" in page.locator("#field-data input").input_value()
+    page.locator("#samples").get_by_text("step 000000").wait_for()
+    shots(page, tmp_path, "3-train-after-reload")
     page.click("#stop")
     page.locator("#job-status").filter(has_text="stopped").wait_for()
-    shot(page, tmp_path, "4-train-stopped")
 
+    # A second run, of the default method, to the end; then the next step is offered.
+    choose(page, "field-method", _method_label(load_app().TrainConfig().method))
+    fill(page, "field-max_steps", 3)
+    page.click("#start")
+    page.locator("#job-status").filter(has_text="finished").wait_for(timeout=60_000)
+    second = RUN_NAME.search(page.locator("#job-status").inner_text()).group(1)
+    page.click("#next-results")
+    runs = page.locator("#runs")
+    runs.get_by_text(second).wait_for()
+    assert re.search(rf"{re.escape(run)}\s+{method}\s+Shapes\s+\d+ / 100000\s+stopped", runs.inner_text())
+    assert re.search(rf"{re.escape(second)}\s+\S+\s+Shapes\s+3 / 3\s+finished", runs.inner_text())
+    shots(page, tmp_path, "4-runs")
+
+    # 3. Results: compare the two runs on two prompts and two seeds.
     open_tab(page, "Compare")
-    choose(page, "compare-runs", run)
-    page.locator("#compare-steps input").fill("2")
-    page.locator("#compare-prompts textarea").fill("a painting of a purple circle, opdiff style")
+    choose(page, "compare-runs", run, second, multi=True)
+    fill(page, "compare-steps", 2)
+    prompts = ["a painting of a purple circle, opdiff style", "a red square"]
+    page.locator("#compare-prompts textarea").fill("\n".join(prompts))
+    fill(page, "compare-seeds", "0 1")
     page.click("#render")
-    page.locator("#slider img").nth(1).wait_for()
-    shot(page, tmp_path, "5-compare")
+    page.locator("#compare-grid img").nth(11).wait_for()
+    columns = [t.strip() for t in page.locator("#compare-grid thead th").all_inner_texts()[1:]]
+    assert [c.splitlines()[0] for c in columns] == ["base", run, second]
+    rows = [t.strip() for t in page.locator("#compare-grid tbody th").all_inner_texts()]
+    assert rows == [f"seed {s}: {p}" for p in prompts for s in (0, 1)]
+    for r, row in enumerate(page.locator("#compare-grid tbody tr").all()):
+        for c, img in enumerate(row.locator("img").all()):
+            assert img.get_attribute("title") == f"{columns[c].splitlines()[0]}: {rows[r]}"
+            assert img.evaluate("i => i.complete && i.naturalWidth > 0")  # served and decoded
+    shots(page, tmp_path, "5-compare")
 
+    # Evaluate with the bundled demo CLIP.
     open_tab(page, "Evaluate")
-    choose(page, "eval-runs", run)
-    page.get_by_label("bundled demo CLIP", exact=False).check()
-    page.locator("#eval-steps input").fill("2")
-    page.locator("#eval-limit input").fill("1")
+    assert "CLIP" in page.locator("#clip-note").inner_text()
+    choose(page, "eval-runs", second, multi=True)
+    page.get_by_label("bundled demo CLIP").check()
+    fill(page, "eval-steps", 2)
+    fill(page, "eval-limit", 2)
     page.click("#evaluate")
-    page.locator("#scores").filter(has_text="demo CLIP").wait_for()
-    shot(page, tmp_path, "6-evaluate")
+    page.locator("#eval-message").filter(has_text="Scored 1 run(s)").wait_for(timeout=60_000)
+    assert page.locator("#scores").get_by_text("bundled demo CLIP").count() >= 1
+    shots(page, tmp_path, "6-evaluate")
 
+    # Export both formats; the diffusers file, as downloaded, loads with load_lora_weights.
     open_tab(page, "Export")
+    choose(page, "export-run", second)
+    page.get_by_label("both").check()
     page.get_by_label("fp32").check()
     page.click("#export")
-    link = page.locator("#export-files a").first
-    link.wait_for()
-    with page.expect_download() as download:
-        link.click()
-    saved = tmp_path / download.value.suggested_filename
-    download.value.save_as(saved)
-    assert saved.name == f"{run}.safetensors"
-    assert load_file(saved).keys() == load_file(server[1] / run / "lora.safetensors").keys()
-    page.get_by_text("load_lora_weights").first.wait_for()
-    shot(page, tmp_path, "7-export")
+    links = page.locator("#export-files a")
+    links.nth(1).wait_for()
+    saved = []
+    for k in range(2):
+        with page.expect_download() as download:
+            links.nth(k).click()
+        saved.append(tmp_path / download.value.suggested_filename)
+        download.value.save_as(saved[-1])
+    assert [p.name for p in saved] == [f"{second}.safetensors", f"{second}_kohya.safetensors"]
+    assert load_file(saved[0]).keys() == load_file(out / second / "lora.safetensors").keys()
+    page.locator("#usage").get_by_text("load_lora_weights").first.wait_for()
+    assert "ComfyUI/models/loras/" in page.locator("#usage").inner_text()
+    shots(page, tmp_path, "7-export")
+    pipe = load_pipeline(bundled_model, device="cpu")
+    pipe.load_lora_weights(str(saved[0]))
+    assert pipe.get_active_adapters()
     _keep_screenshots(tmp_path)
 
 
-def test_too_large_uploads_and_unsafe_zips_are_refused_in_the_page(page, tmp_path):
+def test_too_large_uploads_and_unsafe_zips_are_refused_in_the_page(page, server, tmp_path):
     big = tmp_path / "big.jpg"
     big.write_bytes(b"\0" * int(MAX_UPLOAD_MB * 2**20 * 2))
     page.locator("#upload input[type=file]").set_input_files(big)
     page.get_by_text(re.compile("exceed|too large|maximum", re.IGNORECASE)).first.wait_for()
-    shot(page, tmp_path, "8-too-large")
+    shots(page, tmp_path, "8-too-large")
 
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as z:
         z.writestr("../outside.txt", "x")
     page.reload()
     wait_until_loaded(page)
+    before = _datasets(server[1])
     page.locator("#upload input[type=file]").set_input_files(evil)
-    message = page.locator("#dataset-message").filter(has_text="Upload refused")
-    message.wait_for()
-    assert "refusing to extract evil.zip" in message.inner_text()
-    shot(page, tmp_path, "9-unsafe-zip")
+    page.locator("#dataset-message").filter(has_text="Nothing was added").wait_for()
+    sync_api.expect(page.locator("#rejected")).to_contain_text("refusing to extract evil.zip")
+    assert _datasets(server[1]) == before  # a refused upload leaves no new dataset behind
+    shots(page, tmp_path, "9-unsafe-zip")
     _keep_screenshots(tmp_path)
+
+
+def _method_with_settings():
+    setting = next(s for s in load_app().form_settings() if s.read_by and s.item_type is int and s.default)
+    return setting.read_by[0], setting
+
+
+def _method_label(method: str) -> str:
+    """How the method list names `method`."""
+    app = load_app()
+    setting = next(s for s in app.form_settings() if s.name == app.METHOD)
+    return dict(zip(setting.allowed, app._choice_labels(setting), strict=True))[method]
+
+
+def _dataset_folder(out: Path, name: str) -> Path:
+    return next(d.path for d in jobs.list_datasets(out / jobs.DATASETS_DIR) if d.name == name)
+
+
+def _datasets(out: Path) -> list[tuple[str, int]]:
+    return [(d.name, d.images) for d in jobs.list_datasets(out / jobs.DATASETS_DIR)]
 
 
 def _keep_screenshots(folder: Path) -> None:

@@ -96,7 +96,8 @@ MPO_CORES = Setting(
     ref="lora-over.txt Eq. 3: the number of local tensors m; lora-over-svd always uses 2", label="MPO cores",
     minimum=2)
 MPO_LR = Setting(
-    "mpo_lr", float | None, None, "Learning rate of the MPO/SVD cores.", optional=True,
+    "mpo_lr", float | None, None, "Learning rate of the small tensors (cores) each adapter matrix is split into "
+    "while training.", optional=True,
     none_means="the main learning rate divided by (number of cores)^mpo_lr_power",
     ref="lora-over.txt Tables 4 and 6, MPO_LR", label="core learning rate", above=0)
 MPO_LR_POWER = Setting(
@@ -173,13 +174,14 @@ register(LoRAOver(
     "lora-over-svd", "LoRA-Over-SVD: every A and B trained as 2 SVD cores; ships as plain LoRA.",
     n_cores=lambda config: 2, settings=(MPO_LR, MPO_LR_POWER),
     about="LoRA-Over with SVD: every adapter matrix is trained as two factors and multiplied back at export. "
-          "A light over-parameterization; ships as a plain LoRA.",
+          "A light over-parameterization (1.7x LoRA's trainable parameters on SDXL); ships as a plain LoRA.",
     ref="lora-over.txt Sec. 4.2",
 ))
 register(LoRAOver(
     "lora-over-mpo", "LoRA-Over-MPO: every A and B trained as an m-core MPO; ships as plain LoRA.",
     n_cores=lambda config: config.mpo_cores, settings=(MPO_CORES, MPO_LR, MPO_LR_POWER),
     about="LoRA-Over with MPO: every adapter matrix is trained as a chain of small tensors and multiplied back at "
-          "export. More trainable parameters than LoRA at the same rank; ships as a plain LoRA.",
+          "export. About 4x LoRA's trainable parameters, 1.2x its time per step and 0.4 GB more memory on SDXL; "
+          "ships as a plain LoRA.",
     ref="lora-over.txt Sec. 4.2, Eq. 3",
 ))

@@ -174,7 +174,8 @@ SELECT_WARMUP_STEPS = Setting(
     "and the chosen ones get MPO cores.", ref="lora-over.txt Sec. 4.3, Eq. 7", label="LoRA warm-up steps",
     minimum=1)
 SELECT_BATCHES = Setting(
-    "select_batches", int, 4, "Fixed batches the importance measurement averages the loss over.",
+    "select_batches", int, 4, "How many fixed batches each matrix's importance is measured on: more is steadier and "
+    "slower.",
     ref="lora-over.txt Eq. 7", label="scoring batches", minimum=1)
 
 
@@ -229,13 +230,14 @@ register(Selecting(
     "lora-over-mpop", "LoRA-Over-MPOP: LoRA warm-up, then the top-N matrices per group by Eq. 7 become MPO.",
     strategy="predefined", settings=(*SELECTION_SETTINGS, SELECT_WARMUP_STEPS, SELECT_BATCHES),
     about="LoRA-Over with a predefined selection: LoRA trains first; then the matrices whose removal changes the "
-          "loss most get MPO cores. Ships as a plain LoRA.",
+          "loss most get MPO cores. Close to LoRA's cost, plus one scoring pass per matrix after the warm-up. "
+          "Ships as a plain LoRA.",
     ref="lora-over.txt Sec. 4.3, Eq. 7, Alg. 2",
 ))
 register(Selecting(
     "lora-over-mpor", "LoRA-Over-MPOR: every t steps the top matrices per group by Eq. 8 become MPO, until N.",
     strategy="runtime", settings=(*SELECTION_SETTINGS, SELECT_SPLIT, SELECT_EVERY),
     about="LoRA-Over with a runtime selection: every few steps the matrices with the largest gradient-times-weight "
-          "get MPO cores, until N per group have them. Ships as a plain LoRA.",
+          "get MPO cores, until N per group have them. Close to LoRA's cost per step. Ships as a plain LoRA.",
     ref="lora-over.txt Sec. 4.3, Eq. 8, Alg. 2",
 ))

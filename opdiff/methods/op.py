@@ -114,14 +114,14 @@ register(OverParameterized(
     "op-lora", "OP-LoRA: A and B predicted by a per-layer MLP while training; ships as plain LoRA.",
     settings=(OP_WIDTH, OP_EMBED_DIM),
     about="OP-LoRA: while training, a small network per layer predicts A and B; the network is dropped at export, "
-          "so the file is an ordinary LoRA. Trains more stably across learning rates than LoRA, at more memory "
-          "per step.",
+          "so the file is an ordinary LoRA. Trains more stably across learning rates than LoRA; costs about 1.2 to "
+          "1.4x LoRA's time per step and 2.8 GB more memory on SDXL (194 M parameters while training).",
     ref="op-lora.txt Sec. 3.1, Eq. 4",
 ))
 register(OverParameterized(
     "op-dora", "OP-DoRA: OP-LoRA plus a second MLP head for the DoRA magnitude; ships as plain DoRA.", use_dora=True,
     settings=(OP_WIDTH, OP_EMBED_DIM),
     about="OP-DoRA: OP-LoRA with DoRA's learned magnitude, predicted by a second output of the same network. "
-          "Ships as a DoRA file.",
+          "Costs about 1.4x LoRA's time per step and 3.5 GB more memory on SDXL. Ships as a DoRA file.",
     ref="op-lora.txt Sec. 3.1",
 ))
