@@ -55,7 +55,14 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_cmmd(args: argparse.Namespace) -> None:
-    from pipelines.evaluate import CmmdConfig, cmmd_dirs, count_images, load_embedder, trust_label
+    from pipelines.evaluate import (
+        CmmdConfig,
+        cmmd_dirs,
+        count_images,
+        load_embedder,
+        small_sample_warning,
+        trust_label,
+    )
 
     cfg = _from_args(CmmdConfig, args)
     n_ref, n_gen = count_images(cfg.ref_dir), count_images(cfg.gen_dir)  # a wrong folder fails before CLIP loads
@@ -65,6 +72,8 @@ def _cmd_cmmd(args: argparse.Namespace) -> None:
           f"  compared:  {n_gen} images in {cfg.gen_dir}\n  CLIP:      {embedder.model_name}")
     if label := trust_label(embedder):
         print(label)
+    if warning := small_sample_warning(n_ref, n_gen):
+        print(warning)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -79,6 +88,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"base model CMMD: {result['base_cmmd']:.4f}")
     if label := trust_label(embedder):
         print(label)
+    if "warning" in result:
+        print(result["warning"])
     run = RunDir(cfg.run_dir)
     print(f"  scores: {run.cmmd}\n  images: {run.eval_dir / IMAGES_DIR}")
 
