@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -18,6 +19,7 @@ import torch
 from metrics import ClipWeightsMissing
 from opdiff.settings import Settings
 from pipelines.config import BUNDLED_DATA, BUNDLED_MODEL, add_arguments, add_settings, config_from_args, given
+from pipelines.interrupt import TrainingInterrupted
 from pipelines.rundir import RunDir
 
 # `opdiff demo`: the bundled model and images, sized to finish in well under two minutes on two CPU cores. The
@@ -182,8 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_USAGE = 2
+"""Exit status of a user error (a bad setting, file or folder): one line on stderr says what and what to do."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the `opdiff` command line; return the exit status."""
+    """Run the `opdiff` command line; return the exit status.
+
+    0: done. 2: a user error or a file-system failure, explained in one line. 130 / 143: stopped by SIGINT /
+    SIGTERM (128 + the signal's number) before the planned steps, after saving what could be saved.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("pipelines").setLevel(logging.INFO)
     try:
@@ -192,9 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, ClipWeightsMissing) as e:  # user errors: no traceback
+    except TrainingInterrupted as e:  # the run saved what it could and said how to continue
+        print(f"opdiff {args.command}: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:  # Ctrl-C before training started (loading, encoding) or in another command
+        print(f"opdiff {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (ValueError, OSError, FloatingPointError, ClipWeightsMissing) as e:  # user errors: no traceback
         print(f"opdiff {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 
