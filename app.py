@@ -1,6 +1,7 @@
 """opdiff in the browser: upload images, train an adapter, compare, score with CMMD, download the LoRA.
 
-    python app.py [--host 127.0.0.1] [--port 7860] [--output-dir runs] [--max-upload-mb 500]    (or: opdiff-app ...)
+    python app.py [--host 127.0.0.1] [--port 7860] [--output-dir runs] [--max-upload-mb 500] [--auth USER:PASSWORD]
+    (or: opdiff-app ...; OPDIFF_APP_AUTH=USER:PASSWORD sets the login without showing it in the process list)
 
 A thin shell over `pipelines`: widgets and glue only. Training runs in `pipelines.jobs.TrainingJobs`, a
 background worker the page polls, so closing or reloading the page neither stops nor loses a run. Every event
@@ -18,8 +19,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import argparse  # noqa: E402
 import html  # noqa: E402
 import inspect  # noqa: E402
+import ipaddress  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import typing  # noqa: E402
+import uuid  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -39,11 +43,17 @@ from pipelines.evaluate import (  # noqa: E402
     trust_label,
 )
 from pipelines.export import DTYPE_NAMES, DTYPE_SUFFIXES, DTYPES, FORMATS, ExportConfig, export, purpose  # noqa: E402
+from pipelines.rundir import RunDir  # noqa: E402
 
 EXPORT_DEFAULTS = ExportConfig(Path("."))
 """The export settings' defaults (the command line's too)."""
 GUI_CACHE_DIR = ".gradio"
-"""Sub-folder of the output folder for uploads and the files the page shows: nothing is served from elsewhere."""
+"""Sub-folder of the output folder for uploads and the files the page shows: nothing is served from elsewhere (the
+runs and datasets beside it are not served at all; a file the page offers is handed out as a copy in here)."""
+HANDED_OUT_DIR = "handed-out"
+"""Sub-folder of GUI_CACHE_DIR holding the files offered for download (exports, grids), one folder per offer."""
+AUTH_ENV = "OPDIFF_APP_AUTH"
+"""Environment variable with the login, USER:PASSWORD (read when --auth is not given)."""
 CACHE_DIR = "cache"
 """Sub-folder of the output folder where runs keep image latents and caption embeddings for later runs."""
 POLL_SECONDS = 1.0
@@ -55,8 +65,8 @@ GROUP_TITLES = {"method": "Method settings", "data": "Captions and images", "sam
 
 def form_settings() -> list[Setting]:
     """The training form's settings: TrainConfig's, read from the registry now (a method registered at run time
-    brings its own), without the run folder, which the app chooses."""
-    return [s for s in TrainConfig.settings() if s.name not in ("output_dir", "resume")]
+    brings its own), without the run folder, which the app chooses (a new one for every run)."""
+    return [s for s in TrainConfig.settings() if s.name not in ("output_dir", "resume", "overwrite")]
 
 
 def form_spec(method: str) -> dict[str, list[str]]:
@@ -151,8 +161,8 @@ class App:
         Returns updates for the training dataset, the dataset on view, the compare, evaluate, export and resume
         run pickers, and the score table."""
         datasets, all_runs = self.dataset_choices(), jobs.list_runs(self.output_dir)
-        runs = [(f"{r.name} ({r.method}, {r.steps} steps)", r.name) for r in all_runs if r.finished]
-        resumable = [(f"{r.name} ({r.method}, {r.steps} steps)", r.name) for r in all_runs if r.resumable]
+        runs = [(r.label, r.name) for r in all_runs if r.finished]  # stopped runs too: their LoRA is partial
+        resumable = [(r.label, r.name) for r in all_runs if r.resumable]
         names = {value for _, value in runs}
         dataset = dataset if dataset in {v for _, v in datasets} else datasets[0][1]
         return (
@@ -289,13 +299,25 @@ class App:
         if len(result.titles) == 2:  # base and one run: the first prompt and seed under a slider
             label, (left, right) = result.rows[0]
             slider = gr.update(value=(left, right), visible=True, label=" | ".join(result.titles) + f": {label}")
-        return slider, cells, str(grid)
+        return slider, cells, self._hand_out(grid)
 
     def _run(self, name: str | None) -> Path:
         try:
             return jobs.resolve_run(self.output_dir, name or "")
         except ValueError as e:
             raise gr.Error(str(e)) from e
+
+    def _hand_out(self, path: Path) -> str:
+        """Return a copy of `path` (a hard link where possible) in the page's own folder, which is served: files in
+        the runs and datasets themselves never are."""
+        folder = self.output_dir / GUI_CACHE_DIR / HANDED_OUT_DIR / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        copy = folder / path.name
+        try:
+            os.link(path, copy)
+        except OSError:
+            shutil.copyfile(path, copy)
+        return str(copy)
 
     # -- Evaluate tab
 
@@ -321,14 +343,16 @@ class App:
             embedder = jobs.cached_embedder(DEMO_CLIP if clip == DEMO_CLIP else None, clip_checkpoint or None)
         except (ClipWeightsMissing, ValueError) as e:
             raise gr.Error(str(e)) from e
+        warnings = set()
         for run_dir in progress.tqdm(run_dirs, desc="evaluating"):
             try:
-                evaluate_run(EvalConfig(run_dir, steps=int(steps) if steps else None,
-                                        limit=int(limit) if limit else None, base_too=base_too), embedder)
+                result = evaluate_run(EvalConfig(run_dir, steps=int(steps) if steps else None,
+                                                 limit=int(limit) if limit else None, base_too=base_too), embedder)
             except (ValueError, FileNotFoundError) as e:
                 raise gr.Error(f"{run_dir.name}: {e}") from e
-        label = trust_label(embedder)
-        return self.score_table(), f"Scored {len(run_dirs)} run(s) with CLIP {embedder.model_name}. {label}"
+            warnings.add(result.get("warning", ""))
+        message = [f"Scored {len(run_dirs)} run(s) with CLIP {embedder.model_name}.", trust_label(embedder), *warnings]
+        return self.score_table(), " ".join(m for m in message if m)
 
     # -- Export tab
 
@@ -340,14 +364,15 @@ class App:
             raise gr.Error(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         # Named after the run, so downloads from several runs do not overwrite each other; every kind but the
         # diffusers one gets its suffix (`_kohya`, `_lycoris`, `_comfyui`, `_a1111`).
-        name = run_dir / f"{run_dir.name}{DTYPE_SUFFIXES[DTYPE_NAMES[dtype]]}.safetensors"
+        # A stopped run's files say partial, as its own do.
+        name = run_dir / f"{run_dir.name}{RunDir(run_dir).partial_tag()}{DTYPE_SUFFIXES[DTYPE_NAMES[dtype]]}.safetensors"
         try:
             files = export(run_dir, name, DTYPE_NAMES[dtype], format=fmt, suffixed=True)
         except (ValueError, FileNotFoundError) as e:
             raise gr.Error(str(e)) from e
         notes = "".join(f"# {path.name}: {purpose(path)}\n" for path in files.values())
         snippet = jobs.load_snippet(run_dir, files["diffusers"]) if "diffusers" in files else ""
-        return [str(f) for f in files.values()], notes + ("\n" + snippet if snippet else "")
+        return [self._hand_out(f) for f in files.values()], notes + ("\n" + snippet if snippet else "")
 
 
 def _thumbnail(path: Path) -> Image.Image:
@@ -533,13 +558,40 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
     return demo
 
 
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """Return (user, password) from `USER:PASSWORD`; None for an empty value. Raises ValueError for a bad one."""
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not (sep and user and password):
+        raise ValueError(f"a login must be USER:PASSWORD (--auth or {AUTH_ENV}), got {value.split(':')[0]!r}...")
+    return user, password
+
+
+def exposure_warning(host: str, auth: tuple[str, str] | None) -> str | None:
+    """Return a warning when the GUI would listen beyond this machine (not a loopback address) without a login."""
+    if auth is not None:
+        return None
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name other than localhost: reachable from elsewhere
+        pass
+    return (f"WARNING: serving on {host} without a login: anyone who reaches this port can train on this machine, "
+            "see its runs and download its LoRA files. Set a login with --auth USER:PASSWORD or the environment "
+            f"variable {AUTH_ENV}=USER:PASSWORD, or bind 127.0.0.1.")
+
+
 def serve(output_dir: str | Path = "runs", host: str = "127.0.0.1", port: int | None = None,
-          max_upload_mb: float = 500, block: bool = True) -> gr.Blocks:
+          max_upload_mb: float = 500, block: bool = True, auth: tuple[str, str] | None = None) -> gr.Blocks:
     """Build and launch the GUI; return the running Blocks (with `block=False`, at once, serving in a thread).
 
-    Uploads and every file the page shows live under `output_dir`, which is also the only folder files are
-    served from; uploads over `max_upload_mb` are refused.
+    Uploads and every file the page shows live under `output_dir`; only what the page handed out is served
+    from it (never the runs or datasets themselves). Uploads over `max_upload_mb` are refused. `auth` (user,
+    password) asks for a login; without one, a host beyond loopback gets a warning on stderr (`exposure_warning`).
     """
+    if warning := exposure_warning(host, auth):
+        print(warning, file=sys.stderr)
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     # gradio keeps uploads and the files it serves in GRADIO_TEMP_DIR; read when components are built.
@@ -547,8 +599,7 @@ def serve(output_dir: str | Path = "runs", host: str = "127.0.0.1", port: int | 
     max_upload_bytes = int(max_upload_mb * 2**20)
     demo = build_app(output_dir, max_upload_bytes)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, share=False, max_file_size=max_upload_bytes,
-                allowed_paths=[str(output_dir)],
+    demo.launch(server_name=host, server_port=port, share=False, max_file_size=max_upload_bytes, auth=auth,
                 prevent_thread_lock=not block, quiet=not block, show_error=True, footer_links=["api"])
     return demo
 
@@ -563,13 +614,21 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=Path("runs"),
                         help="folder for runs, uploaded datasets and exports; the only folder files are served from")
     parser.add_argument("--max-upload-mb", type=float, default=500, help="largest file the page accepts, in MB")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                        help=f"ask for this login before anything is shown or served (default: ${AUTH_ENV}, else no "
+                        "login); set it whenever --host is not 127.0.0.1")
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "app.py") -> int:
     """Parse the flags and serve the GUI until interrupted; return the exit status."""
-    args = build_parser(prog).parse_args(argv)
-    serve(args.output_dir, args.host, args.port, args.max_upload_mb)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        auth = parse_auth(args.auth if args.auth is not None else os.environ.get(AUTH_ENV))
+    except ValueError as e:
+        parser.error(str(e))
+    serve(args.output_dir, args.host, args.port, args.max_upload_mb, auth=auth)
     return 0
 
 

@@ -67,7 +67,7 @@ def sample(cfg: SampleConfig) -> Comparison:
     run = RunDir(cfg.source)
     config = run.read_config() if run.is_run() else None
     settings = config["train"] if config else {}
-    loras = list(cfg.lora) or ([run.lora] if config else [])
+    loras = list(cfg.lora) or ([run.current_lora()] if config else [])
     prompts = list(cfg.prompt or settings.get("sample_prompts") or DEFAULT_PROMPTS)
     seeds = list(cfg.seed or settings.get("sample_seeds") or (0,))
     steps = cfg.steps or settings.get("sample_steps", 20)

@@ -176,8 +176,9 @@ def test_upload_train_reload_stop_compare_evaluate_export(page, server, bundled_
         link.click()
     saved = tmp_path / download.value.suggested_filename
     download.value.save_as(saved)
-    assert saved.name == f"{run}.safetensors"
-    assert load_file(saved).keys() == load_file(server[1] / run / "lora.safetensors").keys()
+    (partial,) = (server[1] / run).glob("lora-partial-step*[0-9].safetensors")  # the stopped run's LoRA so far
+    assert saved.name == f"{run}{partial.stem.removeprefix('lora')}.safetensors"  # says partial too
+    assert load_file(saved).keys() == load_file(partial).keys()
     page.get_by_text("load_lora_weights").first.wait_for()
     shot(page, tmp_path, "7-export")
     _keep_screenshots(tmp_path)
