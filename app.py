@@ -365,7 +365,8 @@ class App:
         # Named after the run, so downloads from several runs do not overwrite each other; every kind but the
         # diffusers one gets its suffix (`_kohya`, `_lycoris`, `_comfyui`, `_a1111`).
         # A stopped run's files say partial, as its own do.
-        name = run_dir / f"{run_dir.name}{RunDir(run_dir).partial_tag()}{DTYPE_SUFFIXES[DTYPE_NAMES[dtype]]}.safetensors"
+        stem = run_dir.name + RunDir(run_dir).partial_tag() + DTYPE_SUFFIXES[DTYPE_NAMES[dtype]]
+        name = run_dir / f"{stem}.safetensors"
         try:
             files = export(run_dir, name, DTYPE_NAMES[dtype], format=fmt, suffixed=True)
         except (ValueError, FileNotFoundError) as e:

@@ -66,9 +66,9 @@ def check_resumable(saved: dict, now: dict, run: RunDir) -> dict[str, list]:
     if saved["dataset"]["hash"] != now["dataset"]["hash"]:
         refused.append(f"dataset content: hash {saved['dataset']['hash'][:12]} -> {now['dataset']['hash'][:12]}")
     if refused:
+        allowed = ", ".join(sorted(RESUME_MAY_CHANGE - {"resume", "output_dir"}))
         raise ValueError(f"cannot resume {run.path} with other settings ({'; '.join(refused)}): they change the model "
-                         f"or the data it learns from. Only {', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'output_dir'}))} "
-                         "may change. Start a new run instead")
+                         f"or the data it learns from. Only {allowed} may change. Start a new run instead")
     return {k: [before.get(k), v] for k, v in after.items() if k in OPTIMIZATION_SETTINGS and before.get(k) != v}
 
 
@@ -173,9 +173,12 @@ class Checkpoints:
         message = (f"{reason}: the run stopped and its last good checkpoint, {self.run.checkpoint} (step {self.step}), "
                    f"is kept; continue from it with a lower learning rate: opdiff train --resume {self.run.path} "
                    f"--lr {self.lr / 10:g}")
+        # Finite is not always trainable: the state just before a blow-up may have no finite gradient left.
         older = [path for step, path in self.run.older_checkpoints() if step < self.step]
-        if older:  # finite is not always trainable: the state just before a blow-up may have no finite gradient
+        if older:
             message += f". Should that diverge again, copy the older {older[0]} over {RunDir.CHECKPOINT} first"
+        else:
+            message += ". Should that diverge again, start anew with a lower --lr and --overwrite"
         return FloatingPointError(message)
 
 

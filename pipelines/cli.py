@@ -202,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         args.run(args)
-    except TrainingInterrupted as e:  # the run saved what it could and said how to continue
-        print(f"opdiff {args.command}: {e}", file=sys.stderr)
+    except TrainingInterrupted as e:  # the run saved what it could; say how to continue (once for all processes)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"opdiff {args.command}: {e}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:  # Ctrl-C before training started (loading, encoding) or in another command
         print(f"opdiff {args.command}: interrupted", file=sys.stderr)

@@ -79,8 +79,8 @@ class TrainConfig(Settings):
                                    none_means="epochs full passes over the dataset", label="max steps")
     batch_size: int = option(1, "Images per training step (per GPU).", group="basic", minimum=1,
                              label="batch size")
-    resolution: int | None = option(None, "Training image size in pixels (a multiple of 8, at least 32).", group="basic",
-                                    minimum=MIN_RESOLUTION, reason="SDXL's VAE divides by 8 and its U-Net halves "
+    resolution: int | None = option(None, "Training image size in pixels (a multiple of 8, at least 32).",
+                                    group="basic", minimum=MIN_RESOLUTION, reason="SDXL's VAE divides by 8 and its U-Net halves "
                                     "the latent twice more: below 32 px nothing is left to halve",
                                     none_means="the base model's native size (1024 for SDXL)")
     seed: int = option(0, "Random seed: the same seed gives the same run.", group="basic")

@@ -198,8 +198,9 @@ def _dataset_member(name: str) -> bool:
 def zip_skipped(archive: str | Path) -> list[tuple[str, str]]:
     """Return (member, reason) for every file in a dataset zip that `extract_zip` does not write."""
     with zipfile.ZipFile(archive) as z:
-        return [(i.filename, "not an image, caption or metadata.jsonl: not extracted from the zip")
-                for i in z.infolist() if not i.is_dir() and not _zip_junk(i.filename) and not _dataset_member(i.filename)]
+        members = [i.filename for i in z.infolist() if not i.is_dir() and not _zip_junk(i.filename)]
+    return [(name, "not an image, caption or metadata.jsonl: not extracted from the zip")
+            for name in members if not _dataset_member(name)]
 
 
 def _zip_problems(members: list[zipfile.ZipInfo], max_members: int, max_bytes: int, max_ratio: float) -> list[str]:

@@ -198,12 +198,13 @@ class RunDir:
         """Hold the folder's lock file while the block runs, so that a second process cannot train here too.
 
         The lock is an OS file lock (flock): it ends with its process, so a lock file left by a process that was
-        killed is recognised as stale and taken over. Raises RunFolderBusy naming the process that holds it.
+        killed is recognised as stale and taken over. It is held on a read-only descriptor, so that the folder's
+        file system can still be remounted read-only under a run. Raises RunFolderBusy naming the holder.
         """
         path = self.path / self.LOCK
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError as e:
             raise ValueError(f"cannot use run folder {self.path}: {e.strerror or e}; choose another --output-dir or "
                              "make it writable") from None
@@ -218,16 +219,18 @@ class RunDir:
             if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
             os.close(fd)  # the holder removed the file as we opened it: lock the new one
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
         stale = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
         if stale:
             log.warning("taking over the lock of %s in %s: that process has ended", stale, self.path)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        path.write_text(f"process {os.getpid()} on {socket.gethostname()}", encoding="utf-8")  # who holds it
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)  # while still locked: a waiting process then retries on a new file
+            try:
+                path.unlink(missing_ok=True)  # while still locked: a waiting process then retries on a new file
+            except OSError:  # a folder turned read-only: the file stays, and the next run sees the lock is stale
+                pass
             os.close(fd)
 
     # -- checkpoints and exports

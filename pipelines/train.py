@@ -231,10 +231,10 @@ def _finish(run: RunDir, save: Callable[[int], None], done: int, total: int, une
         return
     message = (f"stopped{stop.by} at step {done} of {total}; checkpoint saved, the LoRA so far is {lora.name}. "
                f"Continue with: opdiff train --resume {run.path}")
+    if stop.signum is not None:  # the caller reports it
+        raise TrainingInterrupted(stop.signum, message, saved=True)
     if ranks.main:
         log.warning("%s", message)
-    if stop.signum is not None:
-        raise TrainingInterrupted(stop.signum, message, saved=True)
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
