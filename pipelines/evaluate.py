@@ -198,7 +198,7 @@ def evaluate_run(cfg: EvalConfig, embedder: ClipEmbedder) -> dict:
     """
     run = RunDir(cfg.run_dir)
     if not run.config.is_file():
-        raise FileNotFoundError(f"{run.path} is not a run folder: {RunDir.CONFIG} is missing")
+        raise FileNotFoundError(f"{run.path} is not a finished run folder: {RunDir.CONFIG} is missing")
     lora = run.current_lora()  # a stopped run is scored as it stands, by its partial file
     if not lora.is_file():
         raise FileNotFoundError(f"{run.path} is not a finished run folder: {lora.name} is missing")
