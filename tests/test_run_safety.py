@@ -152,7 +152,7 @@ def test_a_second_signal_stops_at_once_without_traceback_or_temporary_files(data
 
 
 def test_a_second_signal_during_a_checkpoint_write_leaves_no_temporary_file(data, tmp_path, capsys, monkeypatch):
-    """The issue's case: the second signal lands while checkpoint.pt.tmp is being written."""
+    """The second signal lands while checkpoint.pt.tmp is being written (before it is renamed into place)."""
     run = tmp_path / "run"
     real_save, saves = torch.save, []
 
