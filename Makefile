@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/opdiff demo --output-dir runs/demo
+	$(VENV)/bin/opdiff demo --output-dir runs/demo --overwrite  # an earlier demo is moved aside
 
 # One test process per core; a file's tests stay in one process (they share module fixtures and servers).
 test: setup

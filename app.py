@@ -24,9 +24,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import argparse  # noqa: E402
 import html  # noqa: E402
 import inspect  # noqa: E402
+import ipaddress  # noqa: E402
 import math  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import typing  # noqa: E402
+import uuid  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -54,7 +57,12 @@ DEFAULT_PORT = 7860
 EXPORT_DEFAULTS = ExportConfig(Path("."))
 """The export settings' defaults (the command line's too)."""
 GUI_CACHE_DIR = ".gradio"
-"""Sub-folder of the output folder for uploads and the files the page shows: nothing is served from elsewhere."""
+"""Sub-folder of the output folder for uploads and the files the page shows: nothing is served from elsewhere (the
+runs and datasets beside it are not served at all; a file the page offers is handed out as a copy in here)."""
+HANDED_OUT_DIR = "handed-out"
+"""Sub-folder of GUI_CACHE_DIR holding the files offered for viewing and download, one folder per offer."""
+AUTH_ENV = "OPDIFF_APP_AUTH"
+"""Environment variable with the login, USER:PASSWORD (read when --auth is not given)."""
 CACHE_DIR = "cache"
 """Sub-folder of the output folder where runs keep image latents and caption embeddings for later runs."""
 POLL_SECONDS = 1.0
@@ -72,7 +80,7 @@ CANCELLED = "__cancelled__"
 """What a delete button sends when its confirmation dialog is cancelled."""
 METHOD = "method"
 """The setting that chooses the adapter method: the form shows its paragraph and its own settings beside it."""
-FORM_EXCLUDED = ("output_dir", "resume", "preset")
+FORM_EXCLUDED = ("output_dir", "resume", "preset", "overwrite")
 """Settings the form leaves out: the app chooses the run folder; continuing a run is an action in Results; the
 preset picker above the form fills the form rather than being one of its fields."""
 
@@ -484,6 +492,22 @@ class App:
         self.jobs.stop()
         return self.poll()
 
+    def _handed_out_dir(self) -> Path:
+        """The folder of files the page hands out: the only part of the output folder that is served."""
+        return self.output_dir / GUI_CACHE_DIR / HANDED_OUT_DIR
+
+    def _hand_out(self, path: Path) -> str:
+        """Return a copy of `path` (a hard link where possible) in the page's own folder, which is served: files in
+        the runs and datasets themselves never are."""
+        folder = self._handed_out_dir() / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        copy = folder / Path(path).name
+        try:
+            os.link(path, copy)
+        except OSError:
+            shutil.copyfile(path, copy)
+        return str(copy)
+
     def poll(self, shown: list[str] | None = None) -> tuple:
         """The training status the page shows: progress line, loss curves, the method's log, raw status, the
         buttons, the newest samples (sent only when they changed since `shown`) and the next-step button."""
@@ -495,7 +519,7 @@ class App:
         if shown is not None and names == shown:
             gallery = gr.update()  # unchanged: not sent again every second
         elif names:
-            gallery = gr.update(value=[(p, p.stem.replace("-", " ")) for p in samples],
+            gallery = gr.update(value=[(self._hand_out(p), p.stem.replace("-", " ")) for p in samples],
                                 label=f"Samples: {len(samples)}, newest first")
         else:
             gallery = gr.update(value=[], label=SAMPLES_EMPTY)
@@ -585,7 +609,8 @@ class App:
             progress((done, total), desc=f"rendering image {done} of {total}", unit="images")
 
         try:
-            result, grid = jobs.compare_runs(run_dirs, self.output_dir / jobs.COMPARE_DIR, prompt_list, seed_list,
+            result, grid = jobs.compare_runs(run_dirs, self._handed_out_dir() / jobs.COMPARE_DIR, prompt_list,
+                                             seed_list,
                                              int(steps) if steps else None, base=base, progress=rendered)
         except ValueError as e:
             raise gr.Error(str(e)) from e
@@ -685,7 +710,7 @@ class App:
             files = export(run_dir, name, DTYPE_NAMES[dtype], format=fmt, suffixed=True)
         except (ValueError, FileNotFoundError) as e:
             raise gr.Error(str(e)) from e
-        return [str(f) for f in files.values()], jobs.usage(run_dir, files)
+        return [self._hand_out(f) for f in files.values()], jobs.usage(run_dir, files)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1061,13 +1086,40 @@ def resolve_address(host: str | None = None, port: int | None = None) -> tuple[s
     return host, port
 
 
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """Return (user, password) from `USER:PASSWORD`; None for an empty value. Raises ValueError for a bad one."""
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not (sep and user and password):
+        raise ValueError(f"a login must be USER:PASSWORD (--auth or {AUTH_ENV}), got {value.split(':')[0]!r}...")
+    return user, password
+
+
+def exposure_warning(host: str, auth: tuple[str, str] | None) -> str | None:
+    """Return a warning when the GUI would listen beyond this machine (not a loopback address) without a login."""
+    if auth is not None:
+        return None
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name other than localhost: reachable from elsewhere
+        pass
+    return (f"WARNING: serving on {host} without a login: anyone who reaches this port can train on this machine, "
+            "see its runs and download its LoRA files. Set a login with --auth USER:PASSWORD or the environment "
+            f"variable {AUTH_ENV}=USER:PASSWORD, or bind 127.0.0.1.")
+
+
 def serve(output_dir: str | Path = "runs", host: str | None = None, port: int | None = None,
-          max_upload_mb: float = 500, block: bool = True, **launch: object) -> gr.Blocks:
+          max_upload_mb: float = 500, block: bool = True, auth: tuple[str, str] | None = None,
+          **launch: object) -> gr.Blocks:
     """Build and launch the GUI; return the running Blocks (with `block=False`, at once, serving in a thread).
 
     `host` / `port` default to GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else 127.0.0.1:7860. Uploads and every file
-    the page shows live under `output_dir`, which is also the only folder files are served from; uploads over
-    `max_upload_mb` are refused. Further keyword arguments go to `gr.Blocks.launch`.
+    the page shows live under `output_dir`; only what the page handed out is served from it (never the runs or
+    datasets themselves). Uploads over `max_upload_mb` are refused. `auth` (user, password) asks for a login;
+    without one, a host beyond loopback gets a warning on stderr (`exposure_warning`). Further keyword arguments go
+    to `gr.Blocks.launch`.
     """
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -1075,10 +1127,11 @@ def serve(output_dir: str | Path = "runs", host: str | None = None, port: int | 
     os.environ["GRADIO_TEMP_DIR"] = str(output_dir / GUI_CACHE_DIR)
     max_upload_bytes = int(max_upload_mb * 2**20)
     host, port = resolve_address(host, port)
+    if warning := exposure_warning(host, auth):
+        print(warning, file=sys.stderr)
     demo = build_app(output_dir, max_upload_bytes)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, share=False, max_file_size=max_upload_bytes,
-                allowed_paths=[str(output_dir)], css=CSS,
+    demo.launch(server_name=host, server_port=port, share=False, max_file_size=max_upload_bytes, auth=auth, css=CSS,
                 prevent_thread_lock=not block, quiet=not block, show_error=True, footer_links=["api"], **launch)
     return demo
 
@@ -1094,14 +1147,22 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=None,
                         help=f"port to listen on (default: GRADIO_SERVER_PORT, else {DEFAULT_PORT})")
     parser.add_argument("--output-dir", type=Path, default=Path("runs"),
-                        help="folder for runs, datasets and exports; the only folder files are served from")
+                        help="folder for runs, datasets and exports; only the files the page hands out are served")
     parser.add_argument("--max-upload-mb", type=float, default=500, help="largest file the page accepts, in MB")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                        help=f"ask for this login before anything is shown or served (default: ${AUTH_ENV}, else no "
+                        "login); set it whenever --host is not 127.0.0.1")
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "app.py") -> int:
     """Parse the flags and serve the GUI until interrupted; return the exit status."""
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        args.auth = parse_auth(args.auth if args.auth is not None else os.environ.get(AUTH_ENV))
+    except ValueError as e:
+        parser.error(str(e))
     serve(**vars(args))
     return 0
 

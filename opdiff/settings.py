@@ -49,6 +49,8 @@ class Setting:
     above: float | None = None
     """Smallest excluded value of a number: the value must be greater (e.g. a learning rate above 0)."""
     maximum: float | None = None
+    reason: str = ""
+    """Why the range is what it is (e.g. "a VAE latent of at least 4 x 4"): said with every refusal of a value."""
     choices: tuple | None = None
     """The allowed values (a Literal type gives them too)."""
     choice_help: tuple[str, ...] = ()
@@ -167,14 +169,15 @@ class Setting:
         """Raise ValueError naming the setting when a number is out of its range."""
         if isinstance(value, bool) or not isinstance(value, int | float):
             return
+        why = f" ({self.reason})" if self.reason else ""
         if not math.isfinite(value):
             raise ValueError(f"{self.name} must be a finite number, got {value}")
         if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"{self.name} must be >= {self.minimum:g}, got {value}")
+            raise ValueError(f"{self.name} must be >= {self.minimum:g}, got {value}{why}")
         if self.above is not None and value <= self.above:
-            raise ValueError(f"{self.name} must be > {self.above:g}, got {value}")
+            raise ValueError(f"{self.name} must be > {self.above:g}, got {value}{why}")
         if self.maximum is not None and value > self.maximum:
-            raise ValueError(f"{self.name} must be <= {self.maximum:g}, got {value}")
+            raise ValueError(f"{self.name} must be <= {self.maximum:g}, got {value}{why}")
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, **describe: Any) -> Any:

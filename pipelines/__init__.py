@@ -8,8 +8,8 @@
     comparison = sample(SampleConfig(str(run_dir)))                     # base | adapted, images and labels
     save_grid(comparison, run_dir / "samples.png")
 
-The parts of a run: `config` (settings), `rundir` (its files), `encoding`, `training_data`, `step`, `checkpoint`,
-`train` (the loop), `export`, `sample`, `evaluate`.
+The parts of a run: `config` (settings), `rundir` (its files and lock), `encoding`, `training_data`, `step`,
+`checkpoint`, `interrupt` (stopping early), `train` (the loop), `export`, `sample`, `evaluate`.
 
 Modules are imported one by one (nothing here) so `pipelines.config` stays light for the CLI and the GUI.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -27,6 +28,7 @@ from pipelines.config import (
     config_from_args,
     given,
 )
+from pipelines.interrupt import TrainingInterrupted
 from pipelines.rundir import RunDir
 
 # `opdiff demo`: the bundled model and images, sized to finish in well under two minutes on two CPU cores. The
@@ -85,7 +87,14 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_cmmd(args: argparse.Namespace) -> None:
-    from pipelines.evaluate import CmmdConfig, cmmd_dirs, count_images, load_embedder, trust_label
+    from pipelines.evaluate import (
+        CmmdConfig,
+        cmmd_dirs,
+        count_images,
+        load_embedder,
+        small_sample_warning,
+        trust_label,
+    )
 
     cfg = _from_args(CmmdConfig, args)
     n_ref, n_gen = count_images(cfg.ref_dir), count_images(cfg.gen_dir)  # a wrong folder fails before CLIP loads
@@ -95,6 +104,8 @@ def _cmd_cmmd(args: argparse.Namespace) -> None:
           f"  compared:  {n_gen} images in {cfg.gen_dir}\n  CLIP:      {embedder.model_name}")
     if label := trust_label(embedder):
         print(label)
+    if warning := small_sample_warning(n_ref, n_gen):
+        print(warning)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -109,6 +120,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"base model CMMD: {result['base_cmmd']:.4f}")
     if label := trust_label(embedder):
         print(label)
+    if "warning" in result:
+        print(result["warning"])
     run = RunDir(cfg.run_dir)
     print(f"  scores: {run.cmmd}\n  images: {run.eval_dir / IMAGES_DIR}")
 
@@ -203,8 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_USAGE = 2
+"""Exit status of a user error (a bad setting, file or folder): one line on stderr says what and what to do."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the `opdiff` command line; return the exit status."""
+    """Run the `opdiff` command line; return the exit status.
+
+    0: done. 2: a user error or a file-system failure, explained in one line. 130 / 143: stopped by SIGINT /
+    SIGTERM (128 + the signal's number) before the planned steps, after saving what could be saved.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("pipelines").setLevel(logging.INFO)
     try:
@@ -213,9 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, ClipWeightsMissing) as e:  # user errors: no traceback
+    except TrainingInterrupted as e:  # the run saved what it could; say how to continue (once for all processes)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"opdiff {args.command}: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:  # Ctrl-C before training started (loading, encoding) or in another command
+        print(f"opdiff {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (ValueError, OSError, FloatingPointError, ClipWeightsMissing) as e:  # user errors: no traceback
         print(f"opdiff {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 

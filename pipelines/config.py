@@ -28,14 +28,25 @@ MixedPrecision = Literal["no", "bf16", "fp16"]
 Optimizer = Literal["adamw", "adamw8bit", "prodigy"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 LogWith = Literal["auto", "tensorboard", "none"]
-# Settings a resumed run may change: they do not alter the trajectory of the steps already taken or to come
-# (length, bookkeeping, where data and caches live, how memory is spent). The dataset's content is checked by
-# its hash instead of its path.
-RESUME_MAY_CHANGE = frozenset({
-    "data", "output_dir", "resume", "max_steps", "epochs", "checkpoint_every", "device", "cache_dir",
+# Resuming: a run continues with its own settings, and may change only those that leave the model and what it learns
+# from alone. Everything else (the base, VAE, adapter, dataset content, captions, crops, resolution, batch, seed,
+# precision) is refused by name: the result would be neither the run that was started nor a new one.
+OPTIMIZATION_SETTINGS = frozenset({
+    "lr", "weight_decay", "max_steps", "epochs", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power",
+    "max_grad_norm", "mpo_lr", "mpo_lr_power",
+})
+"""Settings that change only the optimization path of the steps to come: a resumed run may change them, and the
+change is logged and recorded in its config.json (`resumed`). A new optimizer or schedule setting belongs here."""
+RESUME_MAY_CHANGE = OPTIMIZATION_SETTINGS | frozenset({
+    # bookkeeping, where data and caches live, how memory and time are spent: never the numbers
+    "data", "output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "device", "cache_dir",
     "cache_latents", "gradient_checkpointing", "compile", "sample_prompts", "sample_seeds", "sample_steps",
     "guidance_scale", "sample_every", "log_with", "preset",
 })
+MIN_RESOLUTION = 32
+"""The smallest training size in pixels: SDXL's VAE divides by 8 and its U-Net halves the latent twice (three
+resolution levels), so 32 px is the smallest image whose deepest U-Net features are still 1 x 1; below it the
+down-sampling has nothing left to halve. `pipelines.encoding.min_resolution` computes it for a loaded U-Net."""
 
 
 def _check_compile(value: str | None) -> None:
@@ -58,8 +69,11 @@ class TrainConfig(Settings):
     output_dir: Path | None = option(None, "Run folder for settings, losses, checkpoints and the exported LoRA.",
                                      group="run", none_means="runs/<method>-<date-time>", label="run folder")
     resume: Path | None = option(None, "Continue the run in this folder from its last checkpoint, with its "
-                                 "settings (flags may extend max_steps).", group="run", cli=True,
-                                 none_means="start a new run", label="resume run")
+                                 "settings (flags may change lr, weight_decay, max_steps, epochs and bookkeeping).",
+                                 group="run", cli=True, none_means="start a new run", label="resume run")
+    overwrite: bool = option(False, "Start a new run in a run folder that is not empty by first moving what it "
+                             "holds aside, to <folder>.replaced-<date-time> (nothing is deleted).", group="run",
+                             off_flag="--no-overwrite", label="overwrite")
     preset: str | None = option(None, "Start from settings shipped with opdiff for a purpose or a GPU size; "
                                 "settings given besides it override it.", group="run", choices=presets.names(),
                                 choice_help=tuple(presets.load(n).description for n in presets.names()),
@@ -68,15 +82,19 @@ class TrainConfig(Settings):
     """The adapter: method, rank, alpha, targets and the method's own settings (flat for users)."""
 
     lr: float = option(1e-4, "Learning rate. Lower it if the loss jumps or turns NaN; raise it if nothing changes.",
-                       group="basic", ref="AdamW, constant; op-lora.txt Sec. 4.1", label="learning rate", above=0)
-    epochs: int = option(2, "How many times training goes through all the images.", group="basic", ref="op-lora.txt Sec. 4.1: two epochs",
+                       group="basic", ref="AdamW, constant; op-lora.txt Sec. 4.1", label="learning rate", above=0,
+                       reason="0 trains nothing and a negative rate climbs the loss")
+    epochs: int = option(2, "How many times training goes through all the images.", group="basic",
+                         ref="op-lora.txt Sec. 4.1: two epochs",
                          minimum=1)
     max_steps: int | None = option(None, "Stop after this many training steps.", group="basic", minimum=1,
                                    none_means="epochs full passes over the dataset", label="max steps")
     batch_size: int = option(1, "Images per training step (per GPU).", group="basic", minimum=1,
                              label="batch size")
-    resolution: int | None = option(None, "Training image size in pixels (a multiple of 8).", group="basic",
-                                    minimum=8, none_means="the base model's native size (1024 for SDXL)")
+    resolution: int | None = option(None, "Training image size in pixels (a multiple of 8, at least 32).",
+                                    group="basic", minimum=MIN_RESOLUTION, reason="SDXL's VAE divides by 8 and its U-Net halves "
+                                    "the latent twice more: below 32 px nothing is left to halve",
+                                    none_means="the base model's native size (1024 for SDXL)")
     seed: int = option(0, "Random seed: the same seed gives the same run.", group="basic")
     optimizer: Optimizer = option("adamw", "How the adapter's weights are updated.", group="basic",
                                   choice_help=("AdamW (the papers' optimizer).",
@@ -170,6 +188,9 @@ class TrainConfig(Settings):
                                             "losses.csv only."), label="log with")
     checkpoint_every: int | None = option(None, "Save a resumable checkpoint every this many steps (always at the "
                                           "end).", minimum=1, none_means="only at the end", label="checkpoint every")
+    keep_checkpoints: int = option(2, "How many of the newest checkpoints to keep: checkpoint.pt and the ones "
+                                   "before it as checkpoint-step<N>.pt, for a run that went wrong after its last "
+                                   "save.", minimum=1, label="keep checkpoints")
 
     def __init__(self, adapter: AdapterConfig | None = None, **values: Any) -> None:
         if adapter is None and values.get("preset") is not None:  # from code: the preset under the values given
@@ -300,7 +321,7 @@ def _parser(s: Setting):
     def parse(text: str) -> Any:
         try:
             return Setting(s.name, s.item_type, None, "", minimum=s.minimum, above=s.above,
-                           maximum=s.maximum).convert(text)
+                           maximum=s.maximum, reason=s.reason).convert(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = s.item_type.__name__ if isinstance(s.item_type, type) else "value"

@@ -3,7 +3,9 @@
 A dataset is a folder of images with same-name `.txt` captions, or a folder with a `metadata.jsonl`, or a `.zip`
 of either. `scan_dataset` runs before any model loads: it decodes every image once, reports every file it does
 not use by name with the reason, and fails with a clear error when nothing usable is left. Zips are checked
-member by member before anything is written (no absolute paths, no `..`, no links, size and ratio limits).
+member by member before anything is written (no absolute paths, no `..`, no links, size and ratio limits), and
+only images, captions and metadata.jsonl are extracted. Links (zip members, or symbolic links in a folder) never
+lead a dataset outside its folder: one that points outside is skipped and named, whichever way it is listed.
 
 A training view of an image is: resize so an aspect-ratio bucket fits, crop the bucket out, maybe flip it. The
 view also gives SDXL's micro-conditioning (original size, crop corner, target size; SDXL paper Sec. 2.2).
@@ -28,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from pipelines.rundir import EXTRACTED_MARKER
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -40,13 +44,15 @@ MAX_IMAGE_PIXELS = 1 << 27
 """Images with more pixels (134M, e.g. 16384 x 8192) are skipped before decoding: decompression-bomb guard."""
 
 MAX_ZIP_MEMBERS = 20_000
+"""Most members a dataset zip may hold (any kind, extracted or not)."""
 MAX_ZIP_BYTES = 8 << 30
 """Total uncompressed size a dataset zip may unpack to (8 GiB)."""
 MAX_ZIP_RATIO = 100
-"""Largest uncompressed / compressed ratio of one zip member; images barely compress, zip bombs compress ~1000:1."""
+"""Largest uncompressed / compressed ratio of one zip member, and of all extracted members together; images barely
+compress, zip bombs compress ~1000:1."""
 ZIP_RATIO_FLOOR = 1 << 20
-"""Members below this (1 MiB uncompressed) are not ratio-checked: small text files compress well, legitimately."""
-EXTRACTED_MARKER = ".opdiff-extracted"
+"""Members (and archives) below this (1 MiB uncompressed) are not ratio-checked: small text files compress well,
+legitimately. Many small members that each pass are still checked together."""
 
 # SDXL's recommended resolutions (width, height) at 1024 px: the nine aspect ratios its multi-aspect
 # fine-tuning covers well (SDXL paper App. I lists the full training set; these are its commonly used core).
@@ -109,6 +115,8 @@ def scan_dataset(
         candidates, skipped = _metadata_entries(root, caption)
     else:
         candidates, skipped = _folder_entries(root, caption)
+    if root != Path(path):  # from a zip: what it held but was not extracted
+        skipped = zip_skipped(path) + skipped
     examples, converted, digest = [], [], hashlib.sha256()
     for image_path, text in candidates:
         size, problem, note = _check_image(image_path, min_side, max_pixels)
@@ -142,12 +150,13 @@ def extract_zip(
     max_bytes: int = MAX_ZIP_BYTES,
     max_ratio: float = MAX_ZIP_RATIO,
 ) -> Path:
-    """Extract `archive` into `dest` (created; must not exist or be empty) and return `dest`.
+    """Extract the dataset files of `archive` into `dest` (created; must not exist or be empty) and return `dest`.
 
     Every member is checked before anything is written; the archive is refused (ValueError naming the members)
     for absolute paths, `..` components, symbolic links, encrypted members, more than `max_members` members,
-    more than `max_bytes` uncompressed, or a member larger than 1 MiB that compressed better than `max_ratio`:1
-    (a zip bomb). Sizes are enforced again while writing, since a zip header can lie.
+    more than `max_bytes` uncompressed, a member larger than 1 MiB that compressed better than `max_ratio`:1, or
+    extracted members that do so together (a zip bomb). Only images, `.txt` captions and metadata.jsonl are
+    written (`zip_skipped` names the rest). Sizes are enforced again while writing, since a zip header can lie.
     """
     archive, dest = Path(archive), Path(dest)
     try:
@@ -157,6 +166,11 @@ def extract_zip(
     with z:
         members = [i for i in z.infolist() if not _zip_junk(i.filename)]
         problems = _zip_problems(members, max_members, max_bytes, max_ratio)
+        wanted = [i for i in members if _dataset_member(i.filename)]
+        total, packed = sum(i.file_size for i in wanted), sum(i.compress_size for i in wanted)
+        if not problems and total > ZIP_RATIO_FLOOR and total > max_ratio * max(packed, 1):
+            problems.append(f"its {len(wanted)} dataset files expand {total / max(packed, 1):.0f}:1 together "
+                            f"(limit {max_ratio:g}:1; a zip bomb of small members?)")
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise ValueError(f"refusing to extract {archive.name}: {'; '.join(problems[:5])}{more}")
@@ -164,7 +178,7 @@ def extract_zip(
             raise ValueError(f"cannot extract {archive.name} into {dest}: the folder is not empty")
         dest.mkdir(parents=True, exist_ok=True)
         try:
-            _write_members(z, members, dest.resolve(), max_bytes)
+            _write_members(z, wanted, dest.resolve(), max_bytes)
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
@@ -174,6 +188,20 @@ def extract_zip(
 def _zip_junk(name: str) -> bool:
     """macOS resource forks and folder metadata: never part of a dataset."""
     return name.startswith("__MACOSX/") or name.rsplit("/", 1)[-1] == ".DS_Store"
+
+
+def _dataset_member(name: str) -> bool:
+    """Whether a zip member is dataset content (an image, a caption, metadata.jsonl): the members extracted."""
+    base = re.split(r"[\\/]+", name)[-1]
+    return base == METADATA_FILE or Path(base).suffix.lower() in (*IMAGE_EXTENSIONS, CAPTION_EXTENSION)
+
+
+def zip_skipped(archive: str | Path) -> list[tuple[str, str]]:
+    """Return (member, reason) for every file in a dataset zip that `extract_zip` does not write."""
+    with zipfile.ZipFile(archive) as z:
+        members = [i.filename for i in z.infolist() if not i.is_dir() and not _zip_junk(i.filename)]
+    return [(name, "not an image, caption or metadata.jsonl: not extracted from the zip")
+            for name in members if not _dataset_member(name)]
 
 
 def _zip_problems(members: list[zipfile.ZipInfo], max_members: int, max_bytes: int, max_ratio: float) -> list[str]:
@@ -269,6 +297,15 @@ def _read_caption(path: Path) -> str:
     return path.read_text(encoding="utf-8-sig").strip()  # utf-8-sig: editors on Windows write a BOM
 
 
+def _outside(path: Path, root: Path) -> str | None:
+    """Why `path` is not read as part of the dataset in `root`: it leads outside the folder (by `..` or a symbolic
+    link), which folder and metadata.jsonl datasets refuse alike; None when it stays inside."""
+    target = path.resolve()
+    if target.is_relative_to(root.resolve()):
+        return None
+    return f"leads outside the dataset folder (to {target}); links out of a dataset are not followed: copy the file in"
+
+
 def _folder_entries(root: Path, fallback: str | None) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
     entries, skipped = [], []
     files = sorted(root.iterdir())
@@ -284,9 +321,13 @@ def _folder_entries(root: Path, fallback: str | None) -> tuple[list[tuple[Path, 
                 skipped.append((p.name, "a caption file with no image of the same name"))
         elif suffix not in IMAGE_EXTENSIONS:
             skipped.append((p.name, f"not an image file (only {', '.join(IMAGE_EXTENSIONS)} are read)"))
+        elif outside := _outside(p, root):
+            skipped.append((p.name, outside))
         else:
             caption_file = p.with_suffix(CAPTION_EXTENSION)
-            if caption_file.is_file():
+            if caption_file.exists() and (outside := _outside(caption_file, root)):
+                skipped.append((p.name, f"its caption file {caption_file.name} {outside}"))
+            elif caption_file.is_file():
                 try:
                     entries.append((p, _read_caption(caption_file)))
                 except (OSError, UnicodeDecodeError) as e:
@@ -316,8 +357,8 @@ def _metadata_entries(root: Path, fallback: str | None) -> tuple[list[tuple[Path
             continue
         p = root / name
         listed.add(p.name)
-        if not p.resolve().is_relative_to(root.resolve()):
-            skipped.append((name, f"listed in {where} but outside the dataset folder"))
+        if outside := _outside(p, root):
+            skipped.append((name, f"listed in {where} but {outside}"))
         elif p.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append((name, f"extension not one of {', '.join(IMAGE_EXTENSIONS)}"))
         elif not p.is_file():

@@ -48,6 +48,21 @@ def native_resolution(pipe: StableDiffusionXLPipeline) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
+def min_resolution(pipe: StableDiffusionXLPipeline) -> int:
+    """Return the smallest image size the base can train at: VAE downsampling x 2 per U-Net down-sampling (one fewer
+    than its resolution levels), so that the deepest features are at least 1 x 1 (32 for SDXL: 8 x 2 x 2)."""
+    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+
+
+def check_resolution(pipe: StableDiffusionXLPipeline, resolution: int) -> None:
+    """Raise ValueError naming the setting when `resolution` is below `min_resolution` of this base."""
+    smallest = min_resolution(pipe)
+    if resolution < smallest:
+        levels = len(pipe.unet.config.down_block_types)
+        raise ValueError(f"resolution must be >= {smallest} for this base model, got {resolution} (its VAE divides "
+                         f"by {pipe.vae_scale_factor} and its U-Net halves {levels - 1} more times)")
+
+
 @torch.no_grad()
 def encode_image(pipe: StableDiffusionXLPipeline, path: Path, view: View) -> torch.Tensor:
     """Return the VAE latent of `view` of the image at `path`: (4, h/8, w/8) float32 on the CPU.
@@ -117,5 +132,8 @@ def cache_write(path: Path | None, tensors: dict[str, torch.Tensor]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two runs may share a cache folder
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:  # also when interrupted: no temporary file is left behind
+        tmp.unlink(missing_ok=True)

@@ -37,6 +37,11 @@ __all__ = ["REFERENCE_MODEL", "ClipAvailability", "ClipOptions", "ClipWeightsMis
 
 IMAGES_DIR = "images"
 BASE_IMAGES_DIR = "base-images"
+MIN_CMMD_IMAGES = 10
+"""Fewest images per set for a CMMD worth reading. The estimator (the biased MMD^2 the reference computes) averages
+each set's kernel over all n^2 pairs, n of which compare an image with itself (kernel 1, whatever it shows): below 10
+images more than a tenth of each within-set average is that constant, so the score says more about how many images
+there are than about what they show. With one image per set it is just the distance of two images, 2000 (1 - k)."""
 
 DEMO_CLIP = "demo"
 """`--clip-model` value for the bundled tiny CLIP (assets/tiny-clip), pretrained on the demo model's procedural
@@ -110,6 +115,16 @@ def score_note(clip_model: str, trustworthy: bool) -> str:
     if clip_model != REFERENCE_MODEL:
         return f"note: CLIP {clip_model} is not the reference {REFERENCE_MODEL}; not comparable to published CMMD"
     return ""
+
+
+def small_sample_warning(n_reference: int, n_compared: int) -> str:
+    """Return a one-line warning when either set has fewer than MIN_CMMD_IMAGES images, else ""."""
+    n = min(n_reference, n_compared)
+    if n >= MIN_CMMD_IMAGES:
+        return ""
+    return (f"warning: CMMD from {n} image(s) in a set means little: each set's average includes its images compared "
+            f"with themselves (1/{n} of it here), so below {MIN_CMMD_IMAGES} images per set the score reflects the "
+            "sample size more than the images; use more images")
 
 
 def count_images(folder: str | Path) -> int:
@@ -210,9 +225,11 @@ def evaluate_run(cfg: EvalConfig, embedder: ClipEmbedder,
     guidance (`RunDir.SCORE_KEY`). `progress(done, total)` is called after each generated image.
     """
     run = RunDir(cfg.run_dir)
-    for required in (run.config, run.lora):
-        if not required.is_file():
-            raise FileNotFoundError(f"{run.path} is not a finished run folder: {required.name} is missing")
+    if not run.config.is_file():
+        raise FileNotFoundError(f"{run.path} is not a finished run folder: {RunDir.CONFIG} is missing")
+    lora = run.current_lora()  # a stopped run is scored as it stands, by its partial file
+    if not lora.is_file():
+        raise FileNotFoundError(f"{run.path} is not a finished run folder: {lora.name} is missing")
     config = run.read_config()
     settings = config["train"]
     dataset = scan_dataset(config["dataset"]["path"])
@@ -227,7 +244,7 @@ def evaluate_run(cfg: EvalConfig, embedder: ClipEmbedder,
     batch_size = cfg.clip.batch_size
 
     pipe = load_pipeline(config["base"], device=cfg.clip.device, vae=settings.get("vae"))
-    pipe.load_lora_weights(str(run.lora))
+    pipe.load_lora_weights(str(lora))
     done, total = 0, len(captions) * (2 if cfg.base_too else 1)
 
     def image_done() -> None:
@@ -249,7 +266,11 @@ def evaluate_run(cfg: EvalConfig, embedder: ClipEmbedder,
     result = {"cmmd": cmmd(reference, _embed_files(embedder, adapted, batch_size, "CLIP: adapted"))}
     if base is not None:
         result["base_cmmd"] = cmmd(reference, _embed_files(embedder, base, batch_size, "CLIP: base"))
+    if warning := small_sample_warning(len(dataset), len(captions)):
+        result["warning"] = warning
+        log.warning("%s", warning)
     result.update(
+        lora=lora.name,
         n_images=len(captions),
         clip_model=embedder.model_name,
         trustworthy=embedder.trustworthy,

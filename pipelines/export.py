@@ -68,8 +68,11 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     """Write a safetensors file via a temporary file and a rename, so a crash never leaves half a file. Returns path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:  # also when interrupted: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -234,11 +237,12 @@ def export(
         # A run that adapted modules outside the attention blocks still gets its diffusers file.
         log.warning("writing the diffusers format only: %s", reason)
         kinds = ("diffusers",)
-    if out_file is None:  # the run folder's own names, suffixed whatever is asked for
-        files = output_files(run.lora.with_stem(run.lora.stem + DTYPE_SUFFIXES[dtype]), kinds, suffixed=True)
+    steps, cmmd = (run.steps_done(), run.read_cmmd()) if run is not None else (None, None)
+    if out_file is None:  # the run folder's own names (partial ones for a stopped run), suffixed whatever is asked for
+        lora = run.lora_for(steps, (run_config or {}).get("schedule", {}).get("total_steps"))
+        files = output_files(lora.with_stem(lora.stem + DTYPE_SUFFIXES[dtype]), kinds, suffixed=True)
     else:
         files = output_files(out_file, kinds, suffixed)
-    steps, cmmd = (run.steps_done(), run.read_cmmd()) if run is not None else (None, None)
     shared = _shared_metadata(config, run_config, steps, cmmd)
     contents = {}  # kind -> (tensors, header); every file is checked before the first one is written
     for kind in files:
@@ -383,6 +387,9 @@ def _shared_metadata(config: opdiff.AdapterConfig, run_config: dict | None, step
             meta["opdiff_base_sha256"] = base["sha256"]
     if steps is not None:
         meta["opdiff_steps"] = str(steps)
+        planned = (run_config or {}).get("schedule", {}).get("total_steps")
+        if planned is not None and steps < planned:
+            meta["opdiff_partial"] = f"stopped after {steps} of {planned} planned steps"
     if cmmd is not None:
         meta["opdiff_cmmd"] = json.dumps(scrub_paths(cmmd), sort_keys=True)
     return meta
@@ -394,9 +401,16 @@ def _unet_from_run(run: RunDir) -> tuple[nn.Module, dict]:
         if not p.is_file():
             raise FileNotFoundError(f"{run.path} is not a finished or checkpointed run: {p.name} is missing")
     run_config = run.read_config()
+    try:  # before the base model loads
+        state = load_file(run.training_state)
+    except Exception as e:  # noqa: BLE001 - safetensors reports a damaged file in several types
+        again = (f"opdiff train --resume {run.path} writes it again from checkpoint.pt" if run.checkpoint.is_file()
+                 else "restore it from a copy")
+        raise ValueError(f"cannot export {run.path}: {run.training_state} is damaged ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); {again}") from None
     unet = load_pipeline(run_config["base"], device="cpu").unet
     opdiff.inject(unet, opdiff.AdapterConfig.from_dict(run_config["adapter"]))
-    opdiff.load_training_state_dict(unet, load_file(run.training_state))
+    opdiff.load_training_state_dict(unet, state)
     return unet, run_config
 
 

@@ -294,6 +294,19 @@ class RunInfo:
     error: str | None = None
     cmmd: dict | None = None
     """The run's latest score (cmmd.json), once it has been evaluated."""
+    planned: int | None = None
+    """The steps the run was planned to take; `steps` below it: a stopped run, whose LoRA is named partial."""
+
+    @property
+    def partial(self) -> bool:
+        """Whether the run stopped before its planned steps."""
+        return self.planned is not None and self.steps < self.planned
+
+    @property
+    def label(self) -> str:
+        """How the page lists the run: name, method, steps (and how many were planned, for a stopped run)."""
+        steps = f"{self.steps} of {self.planned} steps, partial" if self.partial else f"{self.steps} steps"
+        return f"{self.name} ({self.method}, {steps})"
 
     @property
     def name(self) -> str:
@@ -336,11 +349,12 @@ def list_runs(runs_dir: str | Path, training: Path | None = None) -> list[RunInf
                 total=total,
                 final_loss=losses[-1][1] if losses else None,
                 state=state,
-                exported=run.lora.is_file(),
+                exported=run.current_lora().is_file(),
                 resumable=run.checkpoint.is_file(),
                 updated=datetime.fromtimestamp(config_path.stat().st_mtime).strftime("%m-%d %H:%M"),
                 error=error,
                 cmmd=run.read_cmmd(),
+                planned=run.planned_steps(),
             ))
         except (OSError, ValueError, KeyError) as e:  # a folder being written or from elsewhere: list the rest
             log.warning("skipping %s: %s", run.path, e)
@@ -630,15 +644,16 @@ def compare_runs(
     bases = {c["base"] for c in configs} | ({base} if base else set())
     if len(bases) != 1:
         raise ValueError(f"runs to compare must share one base model; these use {', '.join(sorted(bases)) or 'none'}")
-    missing = [run.name for run in runs if not run.lora.is_file()]
+    missing = [run.name for run in runs if not run.current_lora().is_file()]
     if missing:
-        raise ValueError(f"run(s) {', '.join(missing)} have no {RunDir.LORA} yet (still training or failed)")
+        raise ValueError(f"run(s) {', '.join(missing)} have no LoRA file yet (still training or failed)")
     vaes = {c["train"].get("vae") for c in configs}  # the runs' VAE, as they trained and sampled with it
     if len(vaes) > 1:
         raise ValueError(f"runs to compare must share one VAE; these use {', '.join(sorted(map(str, vaes)))}")
     first = configs[0]["train"] if configs else {}
     comparison = sample(SampleConfig(
-        bases.pop(), lora=tuple(run.lora for run in runs), prompt=tuple(prompts or first.get("sample_prompts", ())),
+        bases.pop(), lora=tuple(run.current_lora() for run in runs),
+        prompt=tuple(prompts or first.get("sample_prompts", ())),
         seed=tuple(seeds), steps=steps or first.get("sample_steps"), vae=vaes.pop() if vaes else None), progress)
     comparison.titles = ["base"] + [run.name for run in runs]
     grid = save_grid(comparison, Path(out_dir) / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.png")

@@ -119,7 +119,9 @@ def reproduce(cfg: ReproduceConfig) -> Path:
         run = RunDir(out / method)
         if not run.lora.exists():
             train_cfg = TrainConfig.from_dict({**settings, **overrides, "method": method})
-            train(replace(train_cfg, data=data_dir, output_dir=run.path))
+            started = run.checkpoint.is_file()  # an earlier attempt stopped: continue it; else start afresh
+            train(replace(train_cfg, data=data_dir, output_dir=run.path, resume=run.path if started else None,
+                          overwrite=not started))
         else:
             log.info("%s: trained run found in %s, reused", method, run.path)
         score = run.read_cmmd()

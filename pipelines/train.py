@@ -11,12 +11,9 @@ generators, so `--resume` replays exactly the steps an uninterrupted run would t
 from __future__ import annotations
 
 import logging
-import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable
+from contextlib import closing
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -27,18 +24,26 @@ from tqdm.auto import tqdm
 
 import opdiff
 from pipelines.captions import CaptionRules
-from pipelines.checkpoint import Checkpoint, check_resumable, run_config, save_checkpoint
+from pipelines.checkpoint import (
+    Checkpoint,
+    Checkpoints,
+    check_resumable,
+    restore_optimizer,
+    resume_history,
+    run_config,
+)
 from pipelines.config import TrainConfig
 from pipelines.data import Dataset, scan_dataset
 from pipelines.distributed import Ranks
-from pipelines.encoding import native_resolution
+from pipelines.encoding import check_resolution, native_resolution
 from pipelines.export import export
+from pipelines.interrupt import StopRequests, TrainingInterrupted, stop_requests
 from pipelines.logging_tb import TrainLog, check_logging
 from pipelines.memory import estimate_memory
 from pipelines.model import default_device, load_pipeline
 from pipelines.optimizers import build_optimizer, check_optimizer
 from pipelines.previews import Previews
-from pipelines.rundir import RunDir
+from pipelines.rundir import RunDir, check_writable
 from pipelines.schedule import check_resumed_length, lr_schedule
 from pipelines.step import Part, Trainer, diffusion_loss
 from pipelines.training_data import TrainingData, epoch_batches, probe_batches, steps_per_epoch
@@ -57,16 +62,40 @@ def train(
     """Train the adapter `cfg` describes; return the run folder (see `pipelines.rundir` for its files).
 
     `on_event` receives {step, total, loss, it_s, eta_s, events} after each step. A given `pipe` is trained in
-    place (its U-Net ends up carrying the collapsed adapter). Stopping early: `should_stop` is polled before every
-    step; in the main thread Ctrl-C or SIGTERM does the same (a second Ctrl-C aborts at once). Either way the run
-    saves a checkpoint, exports the LoRA so far and returns. `cfg.resume` (see `pipelines.config.resume_config`)
-    continues a run from its checkpoint. A non-finite loss raises FloatingPointError and keeps the last checkpoint.
+    place (its U-Net ends up carrying the collapsed adapter). A new run needs an empty (or missing) folder, or
+    `cfg.overwrite`, which moves what is there aside; the folder is locked against a second process while it trains.
+    `cfg.resume` (see `pipelines.config.resume_config`) continues a run from its checkpoint.
+
+    Stopping early: `should_stop` is polled before every step; in the main thread SIGINT or SIGTERM does the same.
+    Either way the run saves a checkpoint and exports the LoRA so far as `lora-partial-step<N>*.safetensors`;
+    `should_stop` then returns, a signal raises `pipelines.interrupt.TrainingInterrupted` (a second signal stops at
+    once, without a checkpoint for the step in progress). A non-finite loss or state raises FloatingPointError
+    naming the last good checkpoint; a run folder that cannot be written raises ValueError naming it.
     """
     run = RunDir(_run_dir(cfg))
     device = cfg.device or default_device()
     check_optimizer(cfg.optimizer, device)  # a missing package or an unsupported device: before any work
     check_logging(cfg.log_with)
+    check_writable(cfg.cache_dir, "cache_dir")
+    if not Ranks.current(device).main:  # one process owns the folder
+        return _train(cfg, run, on_event, pipe, should_stop)
+    with run.claim(new_run=cfg.resume is None, overwrite=cfg.overwrite):
+        try:
+            return _train(cfg, run, on_event, pipe, should_stop)
+        except TrainingInterrupted as e:
+            if e.saved:
+                raise
+            kept = (f"its last checkpoint (step {run.steps_done()}) is kept; continue with: opdiff train --resume "
+                    f"{run.path}" if run.checkpoint.is_file() else "no checkpoint was saved")
+            raise TrainingInterrupted(e.signum, f"{e}: the step in progress was dropped and {kept}", saved=False
+                                      ) from None
+
+
+def _train(cfg: TrainConfig, run: RunDir, on_event: Callable[[dict], None] | None,
+           pipe: StableDiffusionXLPipeline | None, should_stop: Callable[[], bool] | None) -> Path:
+    """`train` in a folder it may use."""
     checkpoint = Checkpoint.load(run) if cfg.resume is not None else None
+    device = cfg.device or default_device()
     ranks = Ranks.current(device)  # several processes: see pipelines.distributed
     with ranks.main_first():  # a zip is extracted once
         dataset = _scan(cfg, run)  # a bad dataset fails here, before any model loads
@@ -77,9 +106,11 @@ def train(
     prompts = cfg.sample_prompts or tuple(CaptionRules.of(cfg).fixed(ex.caption) for ex in dataset.examples[:2])
     cfg = replace(cfg, output_dir=run.path, resume=None, resolution=cfg.resolution or native_resolution(pipe),
                   device=device, sample_prompts=prompts)
+    check_resolution(pipe, cfg.resolution)
     config = run_config(cfg, dataset)
     if checkpoint is not None:
-        check_resumable(checkpoint.config, config, run)
+        config["resumed"] = resume_history(checkpoint.config, checkpoint.step,
+                                           check_resumable(checkpoint.config, config, run))
     run.path.mkdir(parents=True, exist_ok=True)
     with ranks.main_first():  # a disk cache is filled once, then read by the other processes
         data = TrainingData(pipe, dataset, cfg, device)
@@ -106,10 +137,11 @@ def train(
     train_log = TrainLog(run, cfg.log_with, losses, write=ranks.main)
     previews = Previews(pipe, cfg, run, autocast_dtype, device) if cfg.sample_every and ranks.main else None
 
-    def save(step: int) -> None:
-        if ranks.main:  # one writer; every process holds the same state
-            save_checkpoint(run, step, trainer.unet, trainer.optimizer, trainer.scaler, rng, losses, events, config,
-                            trainer.schedule)
+    checkpoints = Checkpoints(run, cfg.keep_checkpoints, done, cfg.lr)
+
+    def save(step: int) -> None:  # one writer; every process holds the same state and checks it
+        checkpoints.save(step, trainer.unet, trainer.optimizer, trainer.scaler, rng, losses, events, config,
+                         trainer.schedule, write=ranks.main)
 
     def preview(step: int) -> None:
         path, grid = previews.render(step)
@@ -117,9 +149,10 @@ def train(
         if on_event is not None:
             on_event({"step": step, "total": total, "samples": str(path)})
 
-    saved, first, start = done, done + 1, time.perf_counter()
+    first, start = done + 1, time.perf_counter()
     progress = tqdm(total=total, initial=done, desc=f"train {cfg.method}", unit="step", disable=not ranks.main)
-    with _stop_requests(should_stop) as stop_requested, closing(train_log):
+    # The bar ends its line and the log closes whatever happens.
+    with progress, stop_requests(should_stop) as stop_requested, closing(train_log):
         if previews is not None and done == 0:
             preview(0)  # the base, before any step
         for step in range(done + 1, total + 1):
@@ -129,9 +162,7 @@ def train(
             try:
                 loss, new = trainer.accumulated_step(step, _draw(data, index, step, rng, trainer, ranks, cfg))
             except FloatingPointError as e:
-                kept = f"its last checkpoint (step {saved}) is kept in {run.path}" if saved else "nothing was saved"
-                raise FloatingPointError(f"{e}: the run stopped and {kept}; lower --lr or use --mixed-precision no"
-                                         ) from None
+                raise checkpoints.diverged(str(e)) from None
             losses.append(loss)
             events += new
             done = step
@@ -146,10 +177,11 @@ def train(
                 preview(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                 save(step)
-                saved = step
-    progress.close()
-    _finish(run, save, done, total, trainer.unet, config, method, ranks)
+        progress.close()
+        _finish(run, save, done, total, trainer.unet, config, method, ranks, stop_requested)
     return run.path
+
+
 
 
 def _draw(data: TrainingData, index: list[int], step: int, rng: torch.Generator, trainer: Trainer, ranks: Ranks,
@@ -187,10 +219,15 @@ def _trainer(pipe: StableDiffusionXLPipeline, cfg: TrainConfig, data: TrainingDa
     schedule = lr_schedule(optimizer, cfg, total)  # before loading: the saved optimizer holds the scheduled rates
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=autocast_dtype is torch.float16)
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint.optimizer)
+        restore_optimizer(optimizer, checkpoint.optimizer)  # the moments; lr and the like from the settings
         scaler.load_state_dict(checkpoint.scaler)
         if checkpoint.scheduler is not None:  # runs from before schedules were constant: nothing to restore
             schedule.load_state_dict(checkpoint.scheduler)
+            # The schedule's position from the checkpoint, its base rates from the settings (which may change).
+            schedule.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+            for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas,
+                                           strict=True):
+                group["lr"] = base * factor(schedule.last_epoch)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     trainer = Trainer(unet, optimizer, noise_scheduler, autocast_dtype, scaler, ranks,
                       forward=torch.compile(unet, backend=cfg.compile) if cfg.compile else None, schedule=schedule,
@@ -236,9 +273,11 @@ def _prepare_unet(unet: torch.nn.Module, cfg: TrainConfig, device: str) -> torch
 
 
 def _finish(run: RunDir, save: Callable[[int], None], done: int, total: int, unet: torch.nn.Module, config: dict,
-            method: opdiff.Method, ranks: Ranks) -> None:
-    """Save the last checkpoint, export the collapsed LoRA, and say how a stopped run continues."""
+            method: opdiff.Method, ranks: Ranks, stop: StopRequests) -> None:
+    """Save the last checkpoint, export the collapsed LoRA (named partial when steps are left), and say how a
+    stopped run continues; raise TrainingInterrupted when a signal stopped it."""
     save(done)
+    lora = run.lora_for(done, total)
     if ranks.main:
         report = method.report(unet)
         if report:
@@ -246,47 +285,20 @@ def _finish(run: RunDir, save: Callable[[int], None], done: int, total: int, une
                                                       for k, v in report.items()))
         config = {**config, "method_report": report}
         run.write_config(config)  # what `opdiff export` reads back: the same header as this export's
-        export(unet, run.lora, run_config=config)
+        export(unet, lora, run_config=config)
     ranks.barrier()
-    if done < total and ranks.main:
-        log.warning("stopped at step %d of %d; checkpoint saved. Continue with: opdiff train --resume %s",
-                    done, total, run.path)
-
-
-@contextmanager
-def _stop_requests(should_stop: Callable[[], bool] | None) -> Iterator[Callable[[], bool]]:
-    """Yield a function telling whether the run should stop: `should_stop()`, or a Ctrl-C / SIGTERM received.
-
-    Signal handlers are installed only in the main thread (Python allows no other) and restored on exit. The
-    first signal asks for a clean stop; a second one raises KeyboardInterrupt at once, without a checkpoint.
-    """
-    requested = threading.Event()
-
-    def check() -> bool:
-        return requested.is_set() or (should_stop is not None and bool(should_stop()))
-
-    if threading.current_thread() is not threading.main_thread():
-        yield check
+    if done >= total:
         return
-
-    def handler(signum: int, frame: object) -> None:
-        if requested.is_set():
-            raise KeyboardInterrupt
-        requested.set()
-        log.warning("%s: stopping after this step and saving a checkpoint (again to abort without one)",
-                    signal.Signals(signum).name)
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield check
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    message = (f"stopped{stop.by} at step {done} of {total}; checkpoint saved, the LoRA so far is {lora.name}. "
+               f"Continue with: opdiff train --resume {run.path}")
+    if stop.signum is not None:  # the caller reports it
+        raise TrainingInterrupted(stop.signum, message, saved=True)
+    if ranks.main:
+        log.warning("%s", message)
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
+    """The run folder: the resumed run's, `output_dir`, or a new `runs/<method>-<date-time>`."""
     if cfg.resume is not None:
         if cfg.output_dir is not None and Path(cfg.output_dir).resolve() != Path(cfg.resume).resolve():
             raise ValueError(f"a resumed run writes into its own folder {cfg.resume}, not {cfg.output_dir}")
@@ -297,11 +309,5 @@ def _run_dir(cfg: TrainConfig) -> Path:
 
 
 def _scan(cfg: TrainConfig, run: RunDir) -> Dataset:
-    """Scan the dataset (a zip goes into the run folder); a folder made only for a failed scan is removed."""
-    created = not run.path.exists()
-    try:
-        return scan_dataset(cfg.data, caption=cfg.caption, extract_to=run.dataset_dir)
-    except ValueError:
-        if created and run.path.exists():
-            shutil.rmtree(run.path)
-        raise
+    """Scan the dataset (a zip goes into the run folder, which `RunDir.claim` removes again if the scan fails)."""
+    return scan_dataset(cfg.data, caption=cfg.caption, extract_to=run.dataset_dir)

@@ -1,6 +1,6 @@
 """The GUI driven through its API with gradio_client, as a script would: named datasets -> train -> runs ->
 compare -> evaluate -> export, the refusals (unknown dataset, a second run, deleting what a run uses), clean stops,
-failed starts, and the security limits (upload size, zip paths, served files, the address it binds).
+failed starts, and the security limits (upload size, zip paths, served files, the address it binds, login).
 
 One app per module, served from a thread on a free port, over a fresh output folder.
 """
@@ -289,7 +289,9 @@ def test_a_run_is_watched_restored_refused_twice_stopped_and_continued(client, d
         assert client.predict(api_name="/stop_training")[3]["state"] == "stopping"
         job = wait_until_ended(client)
     assert job["state"] == "stopped" and 2 <= job["step"] < 100_000
-    assert (server.out / job["run"] / "lora.safetensors").is_file()
+    stopped_dir = server.out / job["run"]  # its LoRA so far, named partial: never mistaken for a finished run's
+    assert not (stopped_dir / "lora.safetensors").exists()
+    assert (stopped_dir / f"lora-partial-step{job['step']}.safetensors").is_file()
     table = {row[0]: row for row in client.predict(api_name="/refresh")[6]["data"]}
     assert table[job["run"]][4] == "stopped"
 
@@ -514,11 +516,15 @@ def test_uploads_over_the_limit_and_unsafe_zips_are_refused(client, server, tmp_
     assert not (server.out.parent / "escaped.txt").exists() and not list(server.out.rglob("escaped.txt"))
 
 
-def test_only_the_output_folder_is_served(server, run):
-    inside = run / "config.json"
-    assert httpx.get(f"{server.url}gradio_api/file={inside}").status_code == 200
-    for outside in ("/etc/passwd", REPO / "app.py", REPO / "assets" / "demo-data" / "demo_00.txt"):
-        assert httpx.get(f"{server.url}gradio_api/file={outside}").status_code == 403, outside
+def test_only_what_the_page_hands_out_is_served(client, server, run, uploaded):
+    """Runs and datasets in the output folder are not served (checkpoints, settings, the user's images), nor
+    anything outside it; a file the page offers for download is."""
+    dataset = Path(uploaded[0]["value"])
+    for path in (run / "config.json", run / "checkpoint.pt", run / "lora.safetensors", dataset / "demo_00.png",
+                 dataset / "demo_00.txt", "/etc/passwd", REPO / "app.py", REPO / "assets" / "demo-data" / "demo_00.txt"):
+        assert httpx.get(f"{server.url}gradio_api/file={path}").status_code == 403, path
+    files, _ = client.predict(run.name, "diffusers", "fp32", api_name="/export")
+    assert load_file(files[0]).keys() == load_file(run / "lora.safetensors").keys()  # downloaded through the server
 
 
 def test_defaults_bind_localhost_and_disable_analytics_and_opdiff_app_runs_app_py(monkeypatch):
@@ -534,7 +540,7 @@ def test_defaults_bind_localhost_and_disable_analytics_and_opdiff_app_runs_app_p
     assert app.resolve_address("127.0.0.1", 9) == ("127.0.0.1", 9)  # flags win
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
     assert vars(app.build_parser("opdiff-app").parse_args(["--port", "9", "--output-dir", "x"])) == {
-        "host": None, "port": 9, "output_dir": Path("x"), "max_upload_mb": 500}
+        "host": None, "port": 9, "output_dir": Path("x"), "max_upload_mb": 500, "auth": None}
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["opdiff-app"] == "app:main"  # the packages never import the GUI; the entry point does
 
@@ -619,3 +625,35 @@ def _render(pipe) -> np.ndarray:
     """One 2-step image (H, W, 3) in [0, 1], from seed 0."""
     generator = torch.Generator("cpu").manual_seed(0)
     return pipe("a painting, opdiff style", num_inference_steps=2, generator=generator, output_type="np").images[0]
+
+
+def test_login_is_asked_for_when_set(tmp_path):
+    demo = load_app().serve(tmp_path / "out", port=free_port(), block=False, auth=("ada", "s3cret pass"))
+    try:
+        assert httpx.get(f"{demo.local_url}config").status_code == 401
+        assert httpx.get(f"{demo.local_url}gradio_api/info").status_code == 401
+        with pytest.raises(Exception):  # noqa: B017 - gradio_client raises its own types for a refused login
+            Client(demo.local_url, verbose=False, auth=("ada", "wrong"))
+        client = Client(demo.local_url, verbose=False, auth=("ada", "s3cret pass"))
+        assert client.predict(api_name="/status")[3]["state"] == "idle"
+    finally:
+        demo.close()
+
+
+def test_a_login_comes_from_the_flag_or_the_environment_and_exposure_without_one_warns(monkeypatch, capsys):
+    app = load_app()
+    assert app.parse_auth("ada:pa:ss") == ("ada", "pa:ss") and app.parse_auth("") is None
+    with pytest.raises(ValueError, match="a login must be USER:PASSWORD"):
+        app.parse_auth("ada")
+    served = []
+    monkeypatch.setattr(app, "serve", lambda *args, **kwargs: served.append(kwargs["auth"]))
+    monkeypatch.setenv(app.AUTH_ENV, "env:pw")
+    assert app.main([]) == 0 and app.main(["--auth", "flag:pw"]) == 0
+    assert served == [("env", "pw"), ("flag", "pw")]
+
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert app.exposure_warning(host, None) is None
+    assert app.exposure_warning("0.0.0.0", ("a", "b")) is None
+    for host in ("0.0.0.0", "192.168.1.5", "my-machine"):
+        warning = app.exposure_warning(host, None)
+        assert warning.startswith(f"WARNING: serving on {host} without a login") and "--auth USER:PASSWORD" in warning

@@ -2,7 +2,8 @@
 
 Bad files are reported by name with the reason and skipped; odd but valid images are converted; training runs
 on what is usable. A zip is refused before anything is written when a member could land outside its folder,
-and when it would unpack to far more than it weighs (a zip bomb).
+and when it would unpack to far more than it weighs (a zip bomb, of one member or of many small ones); only its
+images and captions are extracted. Links out of a dataset folder are not followed, however the file is listed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pipelines.rundir import RunDir
 from pipelines.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread", "shared_pipeline")
+
+BUNDLED_DATA = Path(__file__).resolve().parent.parent / "assets" / "demo-data"
 
 
 def _png_header_only(path: Path, width: int, height: int) -> Path:
@@ -143,6 +146,38 @@ def test_fallback_caption_for_uncaptioned_images(tmp_path):
     assert [e.caption for e in scan_dataset(tmp_path, caption="fallback").examples] == ["fallback", "listed"]
 
 
+@pytest.mark.parametrize("listing", ["folder", "metadata.jsonl"])
+def test_symbolic_links_out_of_the_dataset_are_not_followed(listing, tmp_path):
+    """One policy for both kinds of dataset: a link to a file outside the folder is skipped with the same reason;
+    a link that stays inside is an ordinary file."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "elsewhere" / "secret.png")
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "data" / "ok.png")
+    (tmp_path / "data" / "out.png").symlink_to(tmp_path / "elsewhere" / "secret.png")
+    (tmp_path / "data" / "in.png").symlink_to(tmp_path / "data" / "ok.png")
+    if listing == "folder":
+        for name in ("ok", "out", "in"):
+            (tmp_path / "data" / f"{name}.txt").write_text(f"{name} caption")
+    else:
+        rows = [{"file_name": f"{name}.png", "text": f"{name} caption"} for name in ("ok", "out", "in")]
+        (tmp_path / "data" / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    dataset = scan_dataset(tmp_path / "data")
+    assert sorted(e.path.name for e in dataset.examples) == ["in.png", "ok.png"]
+    reason = dict(dataset.skipped)["out.png"]
+    assert f"leads outside the dataset folder (to {tmp_path / 'elsewhere' / 'secret.png'}); links out of a dataset " \
+           "are not followed" in reason
+
+
+def test_a_caption_linked_from_outside_is_not_read(tmp_path):
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "data" / "a.png")
+    (tmp_path / "private.txt").write_text("a private note")
+    (tmp_path / "data" / "a.txt").symlink_to(tmp_path / "private.txt")
+    with pytest.raises(ValueError, match="its caption file a.txt leads outside the dataset folder"):
+        scan_dataset(tmp_path / "data")
+
+
 def test_metadata_cannot_point_outside_the_dataset(tmp_path):
     (tmp_path / "data").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "secret.png")
@@ -206,11 +241,42 @@ def test_zip_bomb_is_refused(tmp_path):
      ({"max_bytes": 100}, "unpacks to 1008 bytes, more than the limit of 100")],
 )
 def test_zip_limits(tmp_path, limits, match):
-    archive = _zip(tmp_path / "set.zip", {"a.bin": bytes(500), "b.bin": bytes(500)})
+    archive = _zip(tmp_path / "set.zip", {"a.txt": bytes(500), "b.txt": bytes(500)})
     with pytest.raises(ValueError, match=match):
         extract_zip(archive, tmp_path / "dest", **limits)
     assert extract_zip(archive, tmp_path / "dest") == tmp_path / "dest"  # within the default limits
-    assert _files(tmp_path / "dest") == {"ok.txt", "a.bin", "b.bin"}
+    assert _files(tmp_path / "dest") == {"ok.txt", "a.txt", "b.txt"}
+
+
+def _zeros_zip(path: Path, suffix: str, n: int = 120) -> Path:
+    """`n` members of 1 MiB of zeros each (each at the 1 MiB line below which one member is not ratio-checked) and
+    two real images with captions."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(n):
+            z.writestr(f"pad{i:03d}{suffix}", bytes(1 << 20))
+        for image in sorted(BUNDLED_DATA.glob("*.png"))[:2]:
+            z.write(image, image.name)
+            z.write(image.with_suffix(".txt"), image.with_suffix(".txt").name)
+    return path
+
+
+def test_only_images_and_captions_leave_a_zip(tmp_path):
+    """120 MiB of zeros in members that are not dataset files: nothing of them is written, each is named."""
+    archive = _zeros_zip(tmp_path / "set.zip", ".bin")
+    assert archive.stat().st_size < 1 << 20
+    dataset = scan_dataset(archive, extract_to=tmp_path / "out")
+    assert [e.path.name for e in dataset.examples] == ["demo_00.png", "demo_01.png"]
+    assert sum(p.stat().st_size for p in (tmp_path / "out").rglob("*") if p.is_file()) < 1 << 20
+    skipped = dict(dataset.skipped)
+    assert len(skipped) == 120 and "not extracted from the zip" in skipped["pad000.bin"]
+
+
+def test_many_small_members_that_expand_together_are_a_zip_bomb(tmp_path):
+    archive = _zeros_zip(tmp_path / "set.zip", ".png")
+    with pytest.raises(ValueError, match=r"refusing to extract set.zip: its 124 dataset files expand \d+:1 together "
+                                         r"\(limit 100:1; a zip bomb of small members\?\)"):
+        extract_zip(archive, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
 
 
 def test_not_a_zip_is_a_clear_error(tmp_path):

@@ -162,6 +162,24 @@ def test_cmmd_of_different_folders_is_positive_and_symmetric(folders, tmp_path, 
     assert cmmd_dirs(a, b, random_clip) == pytest.approx(cmmd_dirs(b, a, random_clip), rel=1e-12)
 
 
+def test_cmmd_of_too_few_images_warns_with_the_reason(bundled_data, tmp_path, capsys):
+    images = sorted(bundled_data.glob("*.png"))
+    sets = {}
+    for name, chosen in (("one-a", images[:1]), ("one-b", images[-1:]), ("ten-a", images[:10]),
+                         ("ten-b", images[-10:])):
+        sets[name] = tmp_path / name
+        sets[name].mkdir()
+        for image in chosen:
+            shutil.copy(image, sets[name])
+    assert main(["cmmd", str(sets["one-a"]), str(sets["one-b"]), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert _printed_cmmd(out) > 0
+    assert ("warning: CMMD from 1 image(s) in a set means little: each set's average includes its images compared "
+            "with themselves (1/1 of it here), so below 10 images per set the score reflects the sample size") in out
+    assert main(["cmmd", str(sets["ten-a"]), str(sets["ten-b"]), *TINY]) == 0
+    assert "warning:" not in capsys.readouterr().out
+
+
 # --- no weights, wrong inputs, labels ---------------------------------------------------------------------------
 
 

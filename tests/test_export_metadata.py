@@ -73,7 +73,7 @@ def stopped_run(tmp_path_factory, bundled_data) -> Path:
 def test_sd_scripts_keys_of_a_run_stopped_early(stopped_run):
     """As sd-scripts' train_network.py: ss_num_epochs = ceil(max_train_steps / batches per epoch), the planned
     number; ss_epoch = the epochs completed when the weights were saved within the run."""
-    file = stopped_run / "lora_kohya.safetensors"
+    file = stopped_run / "lora-partial-step3_kohya.safetensors"  # a stopped run says so in its file names
     meta = _header(file)
     assert (meta["ss_steps"], meta["ss_max_train_steps"], meta["ss_num_batches_per_epoch"]) == ("3", "4", "2")
     assert (meta["ss_num_epochs"], meta["ss_epoch"]) == ("2", "1")

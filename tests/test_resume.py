@@ -2,7 +2,8 @@
 
 Interruptions: a shorter `max_steps`, `should_stop` from a background thread (as the GUI stops), Ctrl-C. The runs
 use random crops and flips, so the restored generator state is exercised, and cross an epoch boundary after the
-interruption. lora-over-mpor is interrupted between two of its selection rounds.
+interruption. lora-over-mpor is interrupted between two of its selection rounds. A diverging run keeps its good
+checkpoints, and resuming may change how the rest is optimized (the learning rate) but not the model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 import pipelines.step
 from pipelines.cli import build_parser
 from pipelines.config import TrainConfig, config_from_args, resume_config
+from pipelines.interrupt import TrainingInterrupted
 from pipelines.rundir import RunDir
 from pipelines.train import train
 
@@ -121,7 +123,9 @@ def test_resume_after_should_stop_from_a_background_thread(method, workdir, unin
     thread.join()
     assert not errors and [e["step"] for e in events] == [1, 2]
     assert _checkpoint(workdir / f"stop-{method}")["step"] == HALF
-    assert (workdir / f"stop-{method}" / "lora.safetensors").is_file()  # a stopped run still leaves its LoRA
+    # A stopped run still leaves its LoRA, named for what it is: never the finished run's file name.
+    assert (workdir / f"stop-{method}" / "lora-partial-step2.safetensors").is_file()
+    assert not (workdir / f"stop-{method}" / "lora.safetensors").exists()
     events += _train(resume_config(workdir / f"stop-{method}"))
     _assert_same_run(workdir / f"stop-{method}", events, uninterrupted[method])
 
@@ -134,11 +138,13 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(workdir, uninterrupted, caplog):
         if event["step"] == HALF:
             os.kill(os.getpid(), signal.SIGINT)
 
-    train(_run(workdir, "ctrl-c", "lora"), on_event=press_ctrl_c)
+    with pytest.raises(TrainingInterrupted) as stopped:  # saved, exported, and still not mistaken for a finished run
+        train(_run(workdir, "ctrl-c", "lora"), on_event=press_ctrl_c)
     assert [e["step"] for e in events] == [1, 2]
+    assert (stopped.value.saved, stopped.value.exit_status) == (True, 130)
     assert "SIGINT: stopping after this step" in caplog.text
-    assert f"stopped at step 2 of 4; checkpoint saved. Continue with: opdiff train --resume {workdir / 'ctrl-c'}" \
-        in caplog.text
+    assert (f"stopped by SIGINT at step 2 of 4; checkpoint saved, the LoRA so far is lora-partial-step2.safetensors. "
+            f"Continue with: opdiff train --resume {workdir / 'ctrl-c'}") == str(stopped.value)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     events += _train(resume_config(workdir / "ctrl-c"))
     _assert_same_run(workdir / "ctrl-c", events, uninterrupted["lora"])
@@ -149,9 +155,11 @@ def test_second_ctrl_c_aborts_without_a_checkpoint(workdir):
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted, match="stopped at once by a second SIGINT: the step in progress was "
+                       "dropped and no checkpoint was saved") as stopped:
         train(_run(workdir, "abort", "lora"), on_event=press_twice)
-    assert not (workdir / "abort" / RunDir.CHECKPOINT).exists()
+    assert (stopped.value.saved, stopped.value.exit_status) == (False, 130)
+    assert not (workdir / "abort" / RunDir.CHECKPOINT).exists() and not list((workdir / "abort").glob("*.tmp"))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -165,8 +173,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monke
 
     monkeypatch.setattr("pipelines.step.diffusion_loss", loss_that_diverges)
     run_dir = workdir / "nan"
-    with pytest.raises(FloatingPointError, match=f"loss is nan at step 3: the run stopped and its last checkpoint "
-                                                 f"\\(step 2\\) is kept in {run_dir}"):
+    with pytest.raises(FloatingPointError, match=f"loss is nan at step 3: the run stopped and its last good checkpoint, "
+                                                 f"{run_dir}/checkpoint.pt \\(step 2\\), is kept; continue from it "
+                                                 f"with a lower learning rate: opdiff train --resume {run_dir} --lr "
+                                                 "0.0001"):
         train(_run(workdir, "nan", "op-lora", checkpoint_every=2))
     checkpoint = _checkpoint(run_dir)
     assert checkpoint["step"] == 2
@@ -187,11 +197,11 @@ def test_checkpoint_holds_everything_to_resume(workdir, uninterrupted):
 
 @pytest.mark.parametrize(
     ("changes", "match"),
-    [({"lr": 1e-2}, r"lr: 0.001 -> 0.01"), ({"method": "dora"}, "method: 'lora' -> 'dora'"),
+    [({"rank": 8}, r"rank: 4 -> 8"), ({"method": "dora"}, "method: 'lora' -> 'dora'"),
      ({"flip": False}, "flip: True -> False")],
 )
-def test_resume_refuses_settings_that_change_the_trajectory(changes, match, workdir, uninterrupted):
-    with pytest.raises(ValueError, match=f"cannot resume .* with other settings \\({match}\\)"):
+def test_resume_refuses_settings_that_change_the_model_or_its_data(changes, match, workdir, uninterrupted):
+    with pytest.raises(ValueError, match=f"cannot resume .* with other settings \\({match}\\): they change the model"):
         train(resume_config(uninterrupted["lora"][0], **changes))
 
 
@@ -216,3 +226,53 @@ def test_cli_resume_takes_the_run_settings_under_the_flags(uninterrupted):
     cfg = config_from_args(args)
     assert (cfg.resume, cfg.output_dir, cfg.method, cfg.max_steps) == (run_dir, run_dir, "op-lora", 8)
     assert (cfg.random_crop, cfg.flip, cfg.lr) == (True, True, 1e-3)
+
+
+def test_a_diverging_run_writes_no_poisoned_checkpoint_and_resumes_with_a_lower_lr(workdir, caplog):
+    """lr 1e3 and a checkpoint every step: an update turns the adapter to NaN while the loss it started from was still
+    finite. That state is never written: the message names the checkpoint that is good, which holds only finite
+    numbers (optimizer included), and the one before it, kept too, from which a lower learning rate trains on."""
+    run_dir = workdir / "diverge"
+    with pytest.raises(FloatingPointError) as diverged:
+        train(_run(workdir, "diverge", "lora", lr=1e3, checkpoint_every=1, max_steps=8))
+    good = _checkpoint(run_dir)
+    older = run_dir / f"checkpoint-step{good['step'] - 1}.pt"
+    assert f"after step {good['step'] + 1}: the run stopped and its last good checkpoint, {run_dir / 'checkpoint.pt'} " \
+           f"(step {good['step']}), is kept; continue from it with a lower learning rate: opdiff train --resume " \
+           f"{run_dir} --lr 100. Should that diverge again, copy the older {older} over checkpoint.pt first" \
+           in str(diverged.value)
+    assert "NaN/inf values" in str(diverged.value)
+    for checkpoint in (good, torch.load(older, map_location="cpu", weights_only=True)):
+        assert all(torch.isfinite(t).all() for t in checkpoint["adapter"].values())
+        assert all(torch.isfinite(v).all() for state in checkpoint["optimizer"]["state"].values()
+                   for v in state.values())
+    assert [step for step, _ in RunDir(run_dir).older_checkpoints()] == [good["step"] - 1]
+
+    shutil.copy(older, run_dir / "checkpoint.pt")  # as the message says
+    events = _train(resume_config(run_dir, lr=1e-5, max_steps=good["step"] + 1))
+    assert [e["step"] for e in events] == [good["step"], good["step"] + 1]
+    assert all(torch.isfinite(t).all() for t in _checkpoint(run_dir)["adapter"].values())
+    assert f"resuming at step {good['step'] - 1} with changed settings: lr 1000.0 -> 1e-05" in caplog.text
+
+
+def test_resume_may_change_the_learning_rate_and_records_it(workdir, uninterrupted):
+    run_dir = workdir / "new-lr"
+    first = _train(_run(workdir, "new-lr", "lora", max_steps=HALF))
+    second = _train(resume_config(run_dir, max_steps=STEPS, lr=1e-4))
+    reference = [e["loss"] for e in uninterrupted["lora"][1]]
+    losses = [e["loss"] for e in first + second]
+    assert losses[:HALF + 1] == reference[:HALF + 1]  # step 3's loss is computed before its update
+    assert losses[HALF + 1:] != reference[HALF + 1:]  # ... which used the new rate
+    assert {g["lr"] for g in _checkpoint(run_dir)["optimizer"]["param_groups"]} == {1e-4}
+    resumed = json.loads((run_dir / "config.json").read_text())["resumed"]
+    assert resumed == [{"step": HALF, "changed": {"lr": [1e-3, 1e-4], "max_steps": [HALF, STEPS]}}]
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_the_newest_checkpoints_are_kept(keep, workdir):
+    run_dir = train(_run(workdir, f"keep-{keep}", "lora", checkpoint_every=1, keep_checkpoints=keep))
+    assert _checkpoint(run_dir)["step"] == STEPS
+    older = RunDir(run_dir).older_checkpoints()
+    assert [step for step, _ in older] == list(range(STEPS - 1, STEPS - keep, -1))
+    for step, path in older:
+        assert torch.load(path, map_location="cpu", weights_only=True)["step"] == step
