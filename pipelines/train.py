@@ -61,7 +61,8 @@ def train(
 ) -> Path:
     """Train the adapter `cfg` describes; return the run folder (see `pipelines.rundir` for its files).
 
-    `on_event` receives {step, total, loss, it_s, eta_s, events} after each step. A given `pipe` is trained in
+    `on_event` receives {step, total, loss, it_s, eta_s, lr, smoothed_loss, events} after each step (and grad_norm
+    with clipping), and {step, total, samples} for each grid of samples while training. A given `pipe` is trained in
     place (its U-Net ends up carrying the collapsed adapter). A new run needs an empty (or missing) folder, or
     `cfg.overwrite`, which moves what is there aside; the folder is locked against a second process while it trains.
     `cfg.resume` (see `pipelines.config.resume_config`) continues a run from its checkpoint.
@@ -132,7 +133,8 @@ def _train(cfg: TrainConfig, run: RunDir, on_event: Callable[[dict], None] | Non
         log.warning(warning)
     config["schedule"] = {"steps_per_epoch": per_epoch, "total_steps": total}  # the export's epoch counts
     if ranks.main:
-        config["memory_estimate"] = _estimate_memory(cfg)
+        if estimate := _estimate_memory(cfg):
+            config["memory_estimate"] = estimate
         run.write_config({**config, "method_report": method.report(trainer.unet)})
     train_log = TrainLog(run, cfg.log_with, losses, write=ranks.main)
     previews = Previews(pipe, cfg, run, autocast_dtype, device) if cfg.sample_every and ranks.main else None
