@@ -430,7 +430,7 @@ def test_the_glue_endpoints_answer_as_the_page_uses_them(client, run, dataset):
         s.name for s in own if method in s.read_by}
     assert about.startswith(load_app().jobs.method_about(method)[0])
     picker, preset_about = client.predict(api_name="/presets")
-    assert picker["visible"] is False and preset_about["visible"] is False
+    assert picker["visible"] is True and "cpu-quick" in [c[1] if isinstance(c, list) else c for c in picker["choices"]]
     with pytest.raises(AppError, match="unknown preset 'fast'"):
         client.predict("fast", api_name="/apply_preset")
     root = dataset[0][0]["value"]
@@ -516,10 +516,11 @@ def test_uploads_over_the_limit_and_unsafe_zips_are_refused(client, server, tmp_
     assert not (server.out.parent / "escaped.txt").exists() and not list(server.out.rglob("escaped.txt"))
 
 
-def test_only_what_the_page_hands_out_is_served(client, server, run, uploaded):
+def test_only_what_the_page_hands_out_is_served(client, server, run, dataset):
     """Runs and datasets in the output folder are not served (checkpoints, settings, the user's images), nor
     anything outside it; a file the page offers for download is."""
-    dataset = Path(uploaded[0]["value"])
+    dataset = Path(dataset[0][0]["value"])
+    assert (dataset / "demo_00.png").is_file()
     for path in (run / "config.json", run / "checkpoint.pt", run / "lora.safetensors", dataset / "demo_00.png",
                  dataset / "demo_00.txt", "/etc/passwd", REPO / "app.py", REPO / "assets" / "demo-data" / "demo_00.txt"):
         assert httpx.get(f"{server.url}gradio_api/file={path}").status_code == 403, path

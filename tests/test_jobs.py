@@ -177,8 +177,10 @@ def test_samples_are_listed_in_step_order(tmp_path):
     assert [p.name for p in run.list_samples()] == ["step-000000.png", "step-000010.png"]
 
 
-def test_presets_are_not_defined_yet():
-    assert jobs.list_presets() == []
+def test_the_presets_offered_are_the_shipped_ones():
+    from pipelines import presets
+
+    assert [p.name for p in jobs.list_presets()] == list(presets.names()) and "cpu-quick" in presets.names()
 
 
 def test_a_failed_start_leaves_no_empty_run_folder_and_a_later_failure_is_recorded(tmp_path):

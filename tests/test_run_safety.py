@@ -101,7 +101,7 @@ def test_a_folder_with_other_files_is_not_taken_over(data, tmp_path, capsys, mon
 
 def _signal_at(monkeypatch, step: int, *signals: int) -> None:
     """Send `signals` to this process at the end of optimizer step `step` (inside the step, as a user would)."""
-    real = pipelines.train.Trainer.step
+    real = pipelines.train.Trainer.accumulated_step
 
     def step_then_signal(self, n, *args, **kwargs):
         result = real(self, n, *args, **kwargs)
@@ -110,7 +110,7 @@ def _signal_at(monkeypatch, step: int, *signals: int) -> None:
                 os.kill(os.getpid(), s)
         return result
 
-    monkeypatch.setattr(pipelines.train.Trainer, "step", step_then_signal)
+    monkeypatch.setattr(pipelines.train.Trainer, "accumulated_step", step_then_signal)
 
 
 def test_sigterm_saves_exports_as_partial_and_exits_143(data, tmp_path, capsys, monkeypatch):
