@@ -37,7 +37,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from opdiff.settings import Setting  # noqa: E402
+from opdiff.settings import GROUPS, Setting  # noqa: E402
 from pipelines import jobs  # noqa: E402
 from pipelines.config import BUNDLED_DATA, TrainConfig, resume_config  # noqa: E402
 from pipelines.evaluate import (  # noqa: E402
@@ -85,6 +85,7 @@ FORM_EXCLUDED = ("output_dir", "resume", "preset", "overwrite")
 preset picker above the form fills the form rather than being one of its fields."""
 
 GROUP_TITLES = {"run": "What to train on", "basic": "Main settings", "data": "Captions and images",
+                "optimization": "Schedule, accumulation and loss",
                 "sampling": "Sample images", "advanced": "Advanced: memory, speed, devices"}
 OPEN_GROUPS = ("run", "basic")
 """Groups shown open; the others are folded."""
@@ -886,7 +887,7 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                         for s in settings:
                             if s.read_by is not None:
                                 form[s.name] = _widget(s, s.name in shown.get(s.group, []))
-                for group in ("run", "basic", "data", "sampling", "advanced"):
+                for group in (g for g in GROUPS if g != "method"):  # the method's own sit under it, above
                     members = [s for s in settings if s.group == group and s.name not in form]
                     if not members:
                         continue

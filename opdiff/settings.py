@@ -18,10 +18,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-GROUPS = ("run", "basic", "method", "data", "sampling", "advanced")
+GROUPS = ("run", "basic", "method", "data", "optimization", "sampling", "advanced")
 """Where a setting is shown, in order: `run` (what to train on and where), `basic` (what most runs change),
-`method` (read only by some adapter methods), `data` (captions, crops, buckets), `sampling` (preview images),
-`advanced` (memory, speed, devices)."""
+`method` (read only by some adapter methods), `data` (captions, crops, buckets), `optimization` (schedule,
+accumulation, clipping, loss weighting), `sampling` (preview images), `advanced` (memory, speed, devices)."""
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ class TrainConfig(Settings):
                                                "Prodigy: finds its own step size; set lr to 1.0 (needs "
                                                "opdiff[prodigy])."), ref="op-lora.txt Sec. 4.1: AdamW")
     lr_scheduler: LRScheduler = option("constant", "How the learning rate changes over the run (diffusers' "
-                                       "get_scheduler).", group="basic", label="learning-rate schedule",
+                                       "get_scheduler).", group="optimization", label="learning-rate schedule",
                                        choice_help=("the same rate throughout (the papers').",
                                                     "rises from 0 over the warm-up steps, then stays.",
                                                     "warm-up, then falls in a straight line to 0 at the end.",
@@ -111,28 +111,28 @@ class TrainConfig(Settings):
                                                     "full rate.",
                                                     "warm-up, then falls as (1 - progress)^lr_power to 0."))
     lr_warmup_steps: int = option(0, "Steps over which the learning rate rises from 0 to its full value at the "
-                                  "start (not with the constant schedule).", group="basic", minimum=0,
+                                  "start (not with the constant schedule).", group="optimization", minimum=0,
                                   label="warm-up steps")
     lr_num_cycles: int = option(1, "Cosine-with-restarts schedule: how many cosine falls (restarts) in the run.",
-                                group="basic", minimum=1, label="schedule cycles")
-    lr_power: float = option(1.0, "Polynomial schedule: the power of its fall (1 is linear).", group="basic",
+                                group="optimization", minimum=1, label="schedule cycles")
+    lr_power: float = option(1.0, "Polynomial schedule: the power of its fall (1 is linear).", group="optimization",
                              above=0, label="schedule power")
     gradient_accumulation_steps: int = option(1, "Add up the gradients of this many batches before each "
                                               "optimizer step: trains like a batch this many times larger in the "
-                                              "memory of one batch.", group="basic", minimum=1,
+                                              "memory of one batch.", group="optimization", minimum=1,
                                               label="gradient accumulation")
     max_grad_norm: float | None = option(None, "Scale the gradient down whenever its norm exceeds this (kohya "
-                                         "and the diffusers scripts use 1.0).", group="basic", above=0,
+                                         "and the diffusers scripts use 1.0).", group="optimization", above=0,
                                          none_means="no clipping, as in the papers", label="gradient clipping")
     snr_gamma: float | None = option(None, "Min-SNR weighting: weigh each timestep's loss by min(SNR, gamma) / "
                                      "SNR, so easy low-noise steps count less; 5 is the usual value.",
-                                     group="basic", above=0, none_means="every timestep weighs the same",
+                                     group="optimization", above=0, none_means="every timestep weighs the same",
                                      ref="Hang et al. 2023, Min-SNR; diffusers --snr_gamma", label="min-SNR gamma")
     noise_offset: float = option(0.0, "Add this much per-channel constant to the training noise, so the model "
-                                 "learns very dark and very bright images; 0.0357 to 0.1 is usual.", group="basic",
+                                 "learns very dark and very bright images; 0.0357 to 0.1 is usual.", group="optimization",
                                  minimum=0, label="noise offset")
     weight_decay: float = option(1e-2, "Pulls the adapter's weights slightly toward zero at every step, against "
-                                 "overfitting a small dataset; rarely needs changing.", label="weight decay",
+                                 "overfitting a small dataset; rarely needs changing.", group="optimization", label="weight decay",
                                  ref="the optimizer's decoupled weight decay", minimum=0)
 
     caption: str | None = option(None, "Caption for images that have none.", group="data",
@@ -312,6 +312,7 @@ def add_settings(parser: argparse.ArgumentParser, settings: list[Setting]) -> No
 
 
 GROUP_TITLES = {"run": "what to train on and where", "basic": "main settings",
+                "optimization": "schedule, accumulation, clipping and loss",
                 "method": "settings of some methods (each says which)", "data": "captions and images",
                 "sampling": "sample images", "advanced": "memory, speed and devices"}
 

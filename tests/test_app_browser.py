@@ -190,7 +190,8 @@ def test_the_whole_flow_as_a_person_walks_it(page, server, bundled_data, bundled
     _, later = wait_for_step_above(page, first)
     page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for()
     shots(page, tmp_path, "2-train")
-    for fold in ("Captions and images", "Sample images", "Advanced: memory, speed, devices"):
+    for fold in ("Captions and images", "Schedule, accumulation and loss", "Sample images",
+                 "Advanced: memory, speed, devices"):
         page.get_by_role("button", name=re.compile(re.escape(fold))).click()
     page.locator("#field-gradient_checkpointing").wait_for(state="visible")
     shots(page, tmp_path, "2-train-all-settings")
