@@ -107,6 +107,27 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def module_single_thread() -> Iterator[None]:
+    """`single_thread` for a whole module: its module-scoped fixtures (a training run) start before any test's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def empty_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No CLIP weights anywhere: every cache the loader looks in points into an empty tmp folder, offline."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def quick_settings() -> Callable[[str], dict]:
     """Return method -> TrainConfig settings that make every method do its full work within 3 training steps.

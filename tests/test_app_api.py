@@ -339,22 +339,11 @@ def test_compare_puts_each_model_in_its_column_and_each_prompt_and_seed_in_its_r
         client.predict(["../etc"], "", "0", 2, api_name="/compare")
 
 
-def test_the_evaluate_tab_says_which_clip_is_available(empty_clip_caches):
-    app = load_app().App(empty_clip_caches)
+def test_the_evaluate_tab_says_which_clip_is_available(empty_caches):
+    app = load_app().App(empty_caches)
     text, choice = app.clip_status()
     assert "not on this machine" in text and "HF_HUB_OFFLINE" in text and choice["value"] == "demo"
     assert len(text) < 600
-
-
-@pytest.fixture
-def empty_clip_caches(tmp_path, monkeypatch):
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
 
 
 def test_evaluate_keeps_a_score_per_clip_images_and_steps_with_the_difference_to_the_base(client, run):

@@ -260,18 +260,6 @@ def test_missing_checkpoint_file_raises_with_instructions(tmp_path):
     assert "never falls back to random features" in message
 
 
-@pytest.fixture
-def empty_caches(tmp_path, monkeypatch):
-    """Point every cache location at an empty folder and forbid downloads."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
-
-
 def test_no_cached_weights_raises_with_instructions(empty_caches):
     with pytest.raises(ClipWeightsMissing, match="not in the cache") as info:
         ClipEmbedder.load()

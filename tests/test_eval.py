@@ -69,17 +69,6 @@ def folders(tmp_path_factory: pytest.TempPathFactory, bundled_data: Path) -> tup
     return a, b
 
 
-@pytest.fixture
-def empty_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No CLIP weights anywhere: every cache the loader looks in points into an empty tmp folder, offline."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 def _printed_cmmd(out: str) -> float:
     match = re.search(r"^CMMD: (\S+)", out, re.MULTILINE)
     assert match, f"no CMMD line in {out!r}"

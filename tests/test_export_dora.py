@@ -35,7 +35,7 @@ from pipelines.train import train
 LORA_FILE = RunDir.LORA
 LYCORIS_FILE, COMFYUI_FILE, A1111_FILE = (f"lora{KINDS[k].suffix}.safetensors" for k in ("lycoris", "comfyui", "a1111"))
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("module_single_thread", "single_thread")
 
 DORA_METHODS = [m for m, spec in opdiff.METHODS.items() if spec.use_dora]
 RANK, ALPHA = 4, 8.0  # alpha != rank: a loader that drops alpha / r is caught
@@ -53,15 +53,6 @@ class Trained:
     run_dir: Path
     out: torch.Tensor  # (2, 4, 8, 8): the trained model's U-Net output on `inputs`
     effect: float  # max |trained - base| output: what the adapter does
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_for_module_fixtures():
-    """The module-scoped training below runs before the per-test `single_thread`; give it one thread too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -27,19 +27,10 @@ from pipelines.kohya import kohya_names, sgm_prefixes
 from pipelines.rundir import RunDir
 from pipelines.train import train
 
-pytestmark = pytest.mark.usefixtures("single_thread", "shared_pipeline")
+pytestmark = pytest.mark.usefixtures("module_single_thread", "single_thread", "shared_pipeline")
 
 LORA_FILE, KOHYA_FILE = RunDir.LORA, output_files(RunDir.LORA, ("diffusers", "kohya"))["kohya"].name
 SDXL_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "sdxl-base-1.0" / "unet" / "config.json"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_for_module_fixtures():
-    """Module-scoped fixtures (the training run below) start before the per-test `single_thread`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

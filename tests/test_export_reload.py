@@ -33,7 +33,7 @@ from pipelines.rundir import RunDir
 from pipelines.sample import LABEL_HEIGHT, MIN_CELL, SampleConfig, default_grid_path, sample, save_grid
 from pipelines.train import train
 
-pytestmark = pytest.mark.usefixtures("single_thread", "shared_pipeline")
+pytestmark = pytest.mark.usefixtures("module_single_thread", "single_thread", "shared_pipeline")
 
 CASES = [(m, 4, 4.0) for m in opdiff.METHODS] + [("lora", 4, 8.0), ("dora", 2, 8.0)]
 LORA_FILE = RunDir.LORA
@@ -112,15 +112,6 @@ def _data(source: Path, out: Path, n: int) -> Path:
         shutil.copy(image, out / image.name)
         shutil.copy(image.with_suffix(".txt"), out / image.with_suffix(".txt").name)
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_for_module_fixtures():
-    """The module-scoped training below runs before the per-test `single_thread`; give it one thread too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
