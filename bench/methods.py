@@ -42,12 +42,12 @@ TINY_UNET = ASSETS / "tiny-sdxl" / "unet"
 
 
 def select_all_n(model: torch.nn.Module) -> None:
-    """For MPOP/MPOR: convert the first N matrices per group, the state once selection has finished."""
+    """For MPOP/MPOR: convert the first N layers per group, the state once selection has finished."""
     if "select" not in model.opdiff:  # the selection state LoRA-Over MPOP/MPOR keep (opdiff/methods/lora_over_select)
         return
     sel = model.opdiff["select"]
     for group in sorted(set(sel.groups)):
-        for k in [k for k, g in enumerate(sel.groups) if g == group][: sel.config.select_top_n]:
+        for k in sel.members(group)[: sel.quota(group)]:
             sel.convert(model, k, None)
             sel.chosen_step[k] = 0
 
@@ -221,7 +221,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     print(f"Full-size SDXL U-Net ({SDXL_CONFIG.name}, meta device), r=4, alpha=4, targets to_q,to_k,to_v,to_out.0;"
-          f" MPO m={opdiff.AdapterConfig().mpo_cores}, MPOP/MPOR after selecting N={opdiff.AdapterConfig().select_top_n}"
+          f" MPO m={opdiff.AdapterConfig().mpo_cores}, MPOP/MPOR after selecting {opdiff.AdapterConfig().select_fraction:.0%} of each group"
           " per group")
     rows = count_full_size(methods)
     lora_params = next(r["trainable"] for r in rows if r["method"] == "lora")

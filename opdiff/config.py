@@ -79,6 +79,13 @@ class AdapterConfig(Settings):
         return list(method_settings().values())
 
     @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> AdapterConfig:
+        """Rebuild the config a run saved (`to_dict`): a method setting newer than the run gets its `absent` value,
+        what the run was trained with (see `Setting.absent`)."""
+        absent = {s.name: s.absent for s in method_settings().values() if s.absent is not None and s.name not in values}
+        return cls.from_dict({**absent, **values})
+
+    @classmethod
     def _build(cls, values: dict[str, Any]) -> AdapterConfig:
         fixed = {k: values[k] for k in ("method", "rank", "alpha", "target_modules") if k in values}
         return cls(**fixed, options={k: v for k, v in values.items() if k not in fixed})

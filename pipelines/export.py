@@ -409,7 +409,7 @@ def _unet_from_run(run: RunDir) -> tuple[nn.Module, dict]:
         raise ValueError(f"cannot export {run.path}: {run.training_state} is damaged ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); {again}") from None
     unet = load_pipeline(run_config["base"], device="cpu").unet
-    opdiff.inject(unet, opdiff.AdapterConfig.from_dict(run_config["adapter"]))
+    opdiff.inject(unet, opdiff.AdapterConfig.from_saved(run_config["adapter"]))
     opdiff.load_training_state_dict(unet, state)
     return unet, run_config
 

@@ -108,6 +108,10 @@ class Trainer:
         return diffusion_loss(self.unet, self.noise_scheduler, batch, noise, timesteps, self.autocast_dtype,
                               self.forward, self.snr_gamma)
 
+    def begin(self) -> list[dict]:
+        """Before the first step of a new run: the method's `before_training` hook; return its events."""
+        return opdiff.method_of(self.unet).before_training(self.unet, self.optimizer, self.probe_loss)
+
     def step(self, step: int, batch: Encoded | None, noise: torch.Tensor, timesteps: torch.Tensor,
              share: float = 1.0) -> tuple[float, list[dict]]:
         """One optimizer step on one batch (`step` is 1-based); return (loss, the method's events).

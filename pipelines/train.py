@@ -155,6 +155,7 @@ def _train(cfg: TrainConfig, run: RunDir, on_event: Callable[[dict], None] | Non
     progress = tqdm(total=total, initial=done, desc=f"train {cfg.method}", unit="step", disable=not ranks.main)
     # The bar ends its line and the log closes whatever happens.
     with progress, stop_requests(should_stop) as stop_requested, closing(train_log):
+        pending = trainer.begin() if done == 0 else []  # shown with the first step's events
         if previews is not None and done == 0:
             preview(0)  # the base, before any step
         for step in range(done + 1, total + 1):
@@ -163,6 +164,7 @@ def _train(cfg: TrainConfig, run: RunDir, on_event: Callable[[dict], None] | Non
             index = epoch_batches(data.buckets, global_batch, cfg.seed, (step - 1) // per_epoch)[(step - 1) % per_epoch]
             try:
                 loss, new = trainer.accumulated_step(step, _draw(data, index, step, rng, trainer, ranks, cfg))
+                new, pending = pending + new, []
             except FloatingPointError as e:
                 raise checkpoints.diverged(str(e)) from None
             losses.append(loss)

@@ -1,18 +1,30 @@
-"""LoRA-Over-MPOP and -MPOR selection (lora-over.txt Sec. 4.3, Eq. 7, Eq. 8, Alg. 2) on a small model."""
+"""LoRA-Over-MPOP and -MPOR selection (lora-over.txt Sec. 4.3, Eq. 7, Eq. 8, Alg. 2) on small models.
+
+Expected values are computed here from the paper: groups by module kind x self/cross attention x shape, N as a
+share of each group, Eq. 7 by zeroing a layer by hand, Eq. 8 from this file's own autograd, MPOR's scores added up
+over the whole run, MPOP's chosen structure trained from the base again.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
-from test_methods import TinyNet, batch
+from safetensors.torch import save_file
+from test_methods import TinyAttention, TinyNet, batch
+from torch import nn
 
 import opdiff
 from opdiff.methods.lora_over import MPOWeight
 
+LEGACY = {"select_groups": "suffix-and-matrix", "select_accumulate": "round", "select_restart": False}
 
-def make(method: str, **kw) -> TinyNet:
+
+def make(method: str, net: type[nn.Module] = TinyNet, **kw) -> nn.Module:
     torch.manual_seed(0)
-    model = TinyNet()
+    model = net()
     cfg = dict(method=method, rank=4, mpo_cores=3, select_top_n=2, select_split=2, select_every=2,
                select_warmup_steps=2, select_batches=2)
     cfg.update(kw)
@@ -31,14 +43,20 @@ def eval_loss(model):
     return f
 
 
-def run(model, optimizer, steps: range) -> tuple[list[float], list[dict]]:
-    """The training loop every pipeline uses, in miniature, with the method's hooks; returns losses and events."""
+def run(model, optimizer, steps: range, observe=None) -> tuple[list[float], list[dict]]:
+    """The training loop every pipeline uses, in miniature, with the method's hooks; returns losses and events.
+
+    `observe(model)`, if given, is called after each backward pass (the test's own view of the gradients)."""
     method = opdiff.method_of(model)
     losses, events = [], []
+    if steps.start == 0:
+        events += method.before_training(model, optimizer, eval_loss(model))
     for step in steps:
         with opdiff.materialize(model):
             loss = loss_on(model, step)
             loss.backward()
+        if observe is not None:
+            observe(model)
         method.after_backward(model, step + 1)
         optimizer.step()
         optimizer.zero_grad()
@@ -52,36 +70,211 @@ def selector(model):
     return model.opdiff["select"]
 
 
-def n_mpo_per_group(model) -> dict[str, int]:
+def lora_layers(model) -> dict[str, nn.Module]:
+    return {a.name: a.layer for a in opdiff.adapted_layers(model)}
+
+
+def has_cores(linear: nn.Module) -> bool:
+    return hasattr(linear, "parametrizations")
+
+
+def layers_with_cores(model) -> set[str]:
+    """Layers whose A and B both have cores (asserting no layer has only one of them)."""
+    out = set()
+    for name, layer in lora_layers(model).items():
+        a, b = has_cores(layer.lora_A["default"]), has_cores(layer.lora_B["default"])
+        assert a == b, f"{name}: A and B of a layer are chosen together"
+        if a:
+            out.add(name)
+    return out
+
+
+class Block(nn.Module):
+    """A transformer block with diffusers' names: self-attention `attn1` and cross-attention `attn2`."""
+
+    def __init__(self, d: int, d_ctx: int) -> None:
+        super().__init__()
+        self.attn1 = TinyAttention(d, d)
+        self.attn2 = TinyAttention(d, d_ctx)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(x, x)
+        return x + self.attn2(x, ctx)
+
+
+class TwoWidthNet(nn.Module):
+    """Three blocks at width 12 and two at width 20, context 10: the shapes and names of an SDXL U-Net, small."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.narrow = nn.ModuleList([Block(12, 10) for _ in range(3)])
+        self.up = nn.Linear(12, 20)
+        self.wide = nn.ModuleList([Block(20, 10) for _ in range(2)])
+        self.out = nn.Linear(20, 20)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        for block in self.narrow:
+            x = block(x, ctx)
+        x = self.up(x)
+        for block in self.wide:
+            x = block(x, ctx)
+        return self.out(x)
+
+
+class TwelveLayerNet(nn.Module):
+    """Twelve self-attention blocks of one width: one group of 12 per module kind, as T5-base's 12 layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.ModuleDict({"attn1": TinyAttention(12, 12)}) for _ in range(12)])
+        self.head = nn.Linear(12, 20)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block["attn1"](x, x)
+        return self.head(x)
+
+
+# ------------------------------------------------------------------------------------------------------ groups
+
+
+def test_groups_are_module_kind_by_self_or_cross_attention_by_shape():
+    """Sec. 4.3: matrices of different size and function are never ranked against each other."""
+    sel = selector(make("lora-over-mpor", TwoWidthNet))
+    members: dict[str, set[str]] = {}
+    for unit in sel.units:
+        members.setdefault(unit.group, set()).add(unit.layer)
+    want: dict[str, set[str]] = {}
+    for stack, d, n in (("narrow", 12, 3), ("wide", 20, 2)):
+        for attn, role, d_ctx in (("attn1", "self-attention", d), ("attn2", "cross-attention", 10)):
+            for kind, shape in (("to_q", (d, d)), ("to_k", (d, d_ctx)), ("to_v", (d, d_ctx)), ("to_out.0", (d, d))):
+                want[f"{kind}/{role}/{shape[0]}x{shape[1]}"] = {f"{stack}.{i}.{attn}.{kind}" for i in range(n)}
+    assert members == want
+    assert all(u.matrices == ("A", "B") for u in sel.units), "one score per layer: A and B ranked together"
+
+
+@pytest.mark.parametrize(("fraction", "top_n", "chosen"), [
+    (0.75, None, 9),   # lora-over.txt Table 4: 9 of T5-base's 12 layers
+    (0.9375, None, 12),  # ceil(11.25)
+    (0.875, None, 11),  # ceil(10.5); Table 6's 28 of 32 is 0.875 of 32
+    (0.01, None, 1),  # at least one per group
+    (1.0, None, 12),
+    (0.75, 5, 5),  # select_top_n wins
+    (0.75, 40, 12),  # at most the group
+])
+def test_n_is_a_share_of_each_group(fraction, top_n, chosen):
+    model = make("lora-over-mpop", TwelveLayerNet, target_modules=("to_q", "to_v"), select_fraction=fraction,
+                 select_top_n=top_n, select_warmup_steps=1, select_batches=1)
+    opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
+    run(model, opt, range(1))
+    by_kind = {"to_q": 0, "to_v": 0}
+    for name in layers_with_cores(model):
+        by_kind[name.rsplit(".", 1)[1]] += 1
+    assert by_kind == {"to_q": chosen, "to_v": chosen}
+
+
+def test_the_papers_share_is_the_default():
+    config = opdiff.AdapterConfig(method="lora-over-mpop")
+    assert config.select_fraction == 9 / 12 and config.select_top_n is None
+    assert config.select_groups == "module" and config.select_restart and config.select_from is None
+    mpor = opdiff.AdapterConfig(method="lora-over-mpor")
+    assert mpor.select_accumulate == "run" and 5 <= mpor.select_split <= 8  # Tables 4 and 6: 5 to 8
+
+
+# ------------------------------------------------------------------------------------------------------ MPOR
+
+
+def eq8_by_autograd(model) -> dict[str, float]:
+    """|<dL/dA, A>| and |<dL/dB, B>| of every plain layer, from the .grad the backward pass left; the two are equal
+    for plain LoRA (s <dL/dY, B A X> both ways), so one number per layer (checked)."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        a, b = layer.lora_A["default"], layer.lora_B["default"]
+        if has_cores(a):
+            continue
+        sa = (a.weight.grad.double() * a.weight.double()).sum().abs().item()
+        sb = (b.weight.grad.double() * b.weight.double()).sum().abs().item()
+        assert sa == pytest.approx(sb, rel=1e-4, abs=1e-12), f"{name}: Eq. 8 differs for A and B"
+        out[name] = sa
+    return out
+
+
+def top_per_group(scores: dict[str, float], groups: dict[str, str], n: int, exclude=()) -> set[str]:
+    out = set()
+    for group in set(groups.values()):
+        members = sorted((name for name, g in groups.items() if g == group and name not in exclude),
+                         key=lambda name: -scores[name])
+        out |= set(members[:n])
+    return out
+
+
+def test_mpor_chooses_the_top_layers_by_eq8_added_up_over_the_whole_run():
+    """Alg. 2 lines 11-15 with Sec. 4.3's accumulation "throughout the fine-tuning process": round 2 ranks by
+    the scores summed from step 1, not from round 1."""
+    model = make("lora-over-mpor", TwoWidthNet, select_top_n=2, select_split=2, select_every=3)
+    groups = {u.layer: u.group for u in selector(model).units}
+    opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
+    total: dict[str, float] = dict.fromkeys(groups, 0.0)
+
+    def observe(m):
+        for name, score in eq8_by_autograd(m).items():
+            total[name] += score
+
+    run(model, opt, range(3), observe)
+    first = layers_with_cores(model)
+    assert first == top_per_group(total, groups, 1)
+    run(model, opt, range(3, 6), observe)
+    second = layers_with_cores(model) - first
+    assert second == top_per_group(total, groups, 1, exclude=first)
     sel = selector(model)
-    counts: dict[str, int] = {}
-    for k, group in enumerate(sel.groups):
-        counts[group] = counts.get(group, 0) + int(hasattr(sel.matrix(model, k), "parametrizations"))
-    return counts
+    for k, unit in enumerate(sel.units):
+        if unit.layer in second:
+            assert float(sel.chosen_score[k]) == pytest.approx(total[unit.layer], rel=1e-6)
+            assert int(sel.chosen_step[k]) == 6
+
+
+def test_mpor_round_by_round_scores_are_reachable():
+    """`select_accumulate = round` (the earlier scheme): round 2 ranks by steps 4-6 alone."""
+    model = make("lora-over-mpor", TwoWidthNet, select_top_n=2, select_split=2, select_every=3,
+                 select_accumulate="round")
+    groups = {u.layer: u.group for u in selector(model).units}
+    opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
+    since: dict[str, float] = dict.fromkeys(groups, 0.0)
+
+    def observe(m):
+        for name, score in eq8_by_autograd(m).items():
+            since[name] += score
+
+    run(model, opt, range(3), observe)
+    first = layers_with_cores(model)
+    since = dict.fromkeys(groups, 0.0)
+    run(model, opt, range(3, 6), observe)
+    sel = selector(model)
+    for k, unit in enumerate(sel.units):
+        if int(sel.chosen_step[k]) == 6:
+            assert float(sel.chosen_score[k]) == pytest.approx(since[unit.layer], rel=1e-6)
+    assert layers_with_cores(model) - first == top_per_group(since, groups, 1, exclude=first)
 
 
 @pytest.mark.parametrize("method", ["lora-over-mpop", "lora-over-mpor"])
-def test_schedule_ends_with_exactly_n_mpo_matrices_per_group(method):
-    model = make(method)
+def test_schedule_ends_with_n_layers_per_group_and_the_optimizer_follows(method):
+    model = make(method, TwoWidthNet)
     opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
     _, events = run(model, opt, range(8))
-    assert n_mpo_per_group(model) == {g: 2 for g in selector(model).groups}
-    steps = sorted({e["step"] for e in events})
-    # MPOP: all at once after warm-up; MPOR: ceil(2 / 2) = 1 per group every 2 steps, two rounds.
-    assert steps == ([2] if method == "lora-over-mpop" else [2, 4])
-    def order(rows):
-        return sorted(rows, key=lambda r: (r["step"], r["group"], r["layer"], r["matrix"]))
-
     sel = selector(model)
-    chosen = [{"step": int(sel.chosen_step[k]), "group": sel.groups[k], "layer": sel.layer_names[k // 2],
-               "matrix": "AB"[k % 2], "score": float(sel.chosen_score[k])}
-              for k in range(len(sel.groups)) if sel.chosen_step[k] >= 0]
-    assert order(chosen) == order(events)
+    counts: dict[str, int] = {}
+    for unit in sel.units:
+        counts[unit.group] = counts.get(unit.group, 0) + (unit.layer in layers_with_cores(model))
+    assert counts == {g: 2 for g in sel.groups}
+    steps = sorted({e["step"] for e in events})
+    # MPOP: all at once after its LoRA phase; MPOR: ceil(2 / 2) = 1 per group every 2 steps, two rounds.
+    assert steps == ([2] if method == "lora-over-mpop" else [2, 4])
+    assert {(e["layer"], e["matrix"]) for e in events} == {(name, "A and B") for name in layers_with_cores(model)}
     mpo = next(g for g in opt.param_groups if g["name"] == "mpo")
     cores = [p for m in model.modules() if isinstance(m, MPOWeight) for p in m.parameters()]
-    assert len(mpo["params"]) == len(cores) == 8 * 2 * 3  # 8 groups x N=2 x 3 cores
+    n_groups = len(set(sel.groups))
+    assert len(mpo["params"]) == len(cores) == n_groups * 2 * 2 * 3  # groups x N=2 layers x (A, B) x 3 cores
     assert all(any(p is c for p in mpo["params"]) for c in cores)
-    # Converted tensors left the optimizer with their state.
     frozen = [m.parametrizations.weight.original for m in model.modules() if hasattr(m, "parametrizations")]
     in_opt = [p for g in opt.param_groups for p in g["params"]]
     assert not any(p is f for f in frozen for p in in_opt)
@@ -94,30 +287,145 @@ def test_conversion_at_any_step_leaves_the_output_unchanged():
     sel = selector(model)
     x, ctx, _ = batch(9)
     for step in range(4):
-        run(model, opt, range(step, step + 1))
+        run(model, opt, range(step + 1, step + 2))
         with torch.no_grad(), opdiff.materialize(model):
             before = model(x, ctx)
-        for k in (2 * step, 2 * step + 1):  # an A and a B, including B right after its first update
-            sel.convert(model, k, opt)
+        sel.convert(model, step, opt)  # A and B of one layer, including B right after its first update
         with torch.no_grad(), opdiff.materialize(model):
             after = model(x, ctx)
         assert ((after - before).norm() / before.norm()).item() < 1e-5
 
 
-def test_eq8_scores_match_autograd():
-    model = make("lora-over-mpor", select_every=1000)
+# ------------------------------------------------------------------------------------------------------ MPOP
+
+
+def eq7_by_hand(model, f) -> dict[str, float]:
+    """|L_W - L_{W=0}| of every layer: its B zeroed by hand (zeroing A gives the same loss)."""
+    base = f()
+    out = {}
+    for name, layer in lora_layers(model).items():
+        b = layer.lora_B["default"].weight
+        saved = b.detach().clone()
+        with torch.no_grad():
+            b.zero_()
+        out[name] = abs(base - f())
+        with torch.no_grad():
+            b.copy_(saved)
+    return out
+
+
+def copy_lora(source, target) -> None:
+    """Give `target`'s plain LoRA layers `source`'s A and B."""
+    with torch.no_grad():
+        for name, layer in lora_layers(source).items():
+            mine = lora_layers(target)[name]
+            mine.lora_A["default"].weight.copy_(layer.lora_A["default"].weight)
+            mine.lora_B["default"].weight.copy_(layer.lora_B["default"].weight)
+
+
+def test_mpop_scores_its_lora_phase_by_eq7_then_trains_the_chosen_structure_from_the_base():
+    """Alg. 2 lines 4-8: LoRA, Eq. 7, top-N per group get MPO, then the fixed structure trains anew."""
+    plain = make("lora", TwoWidthNet)  # what MPOP's LoRA phase trains: plain LoRA
+    run(plain, torch.optim.AdamW(opdiff.param_groups(plain, lr=1e-2)), range(3))
+    scores = eq7_by_hand(plain, eval_loss(plain))
+
+    model = make("lora-over-mpop", TwoWidthNet, select_warmup_steps=3)
+    groups = {u.layer: u.group for u in selector(model).units}
+    initial_a = {n: layer.lora_A["default"].weight.detach().clone() for n, layer in lora_layers(model).items()}
     opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
-    run(model, opt, range(2))  # so that B != 0
-    sel = selector(model)
-    sel.scores.zero_()
-    mats = [sel.matrix(model, k).weight for k in range(len(sel.groups))]
-    grads = torch.autograd.grad(loss_on(model, 5), mats)
-    want = torch.stack([(g.double() * w.detach().double()).sum().abs() for g, w in zip(grads, mats, strict=True)])
-    with opdiff.materialize(model):
-        loss_on(model, 5).backward()
-    sel.observe(model)
-    assert torch.allclose(sel.scores, want, rtol=1e-6, atol=1e-12)
-    assert (want > 0).all()
+    run(model, opt, range(1))  # nothing is chosen at step 1; the optimizer now has state
+    assert opt.state and not layers_with_cores(model)
+    copy_lora(plain, model)  # the phase's end: score exactly the plain LoRA above
+    events = opdiff.method_of(model).after_step(model, 3, opt, eval_loss(model))
+    assert layers_with_cores(model) == top_per_group(scores, groups, 2)
+    assert {e["layer"] for e in events} == layers_with_cores(model) and {e["step"] for e in events} == {3}
+    for e in events:
+        assert e["score"] == pytest.approx(scores[e["layer"]], rel=1e-9, abs=1e-12)
+    # From the base again: B A = 0 everywhere (the output is the base's), a fresh A of PEFT's init, no moments.
+    with torch.no_grad(), opdiff.materialize(model):
+        for name, layer in lora_layers(model).items():
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            assert torch.count_nonzero(b) == 0, name
+            bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            assert a.abs().max() <= bound * (1 + 1e-5) and a.abs().max() > 0.5 * bound
+            assert not torch.allclose(a, initial_a[name]), f"{name}: A is a fresh draw, not the phase's init"
+    assert len(opt.state) == 0
+    x, ctx, _ = batch(9)
+    base = make("lora", TwoWidthNet)  # same seed: the same base weights; B = 0
+    with torch.no_grad(), opdiff.materialize(model):
+        assert torch.equal(model(x, ctx), base(x, ctx))
+
+
+def test_mpop_in_place_keeps_training_the_scored_lora():
+    """`select_restart = false`: the chosen layers get cores of their trained values; the output is unchanged."""
+    plain = make("lora", TwoWidthNet)
+    run(plain, torch.optim.AdamW(opdiff.param_groups(plain, lr=1e-2)), range(3))
+    twin = make("lora-over-mpop", TwoWidthNet, select_warmup_steps=3, select_restart=False)
+    copy_lora(plain, twin)
+    opt = torch.optim.AdamW(opdiff.param_groups(twin, lr=1e-2))
+    x, ctx, _ = batch(9)
+    with torch.no_grad(), opdiff.materialize(twin):
+        before = twin(x, ctx)
+    opdiff.method_of(twin).after_step(twin, 3, opt, eval_loss(twin))
+    groups = {u.layer: u.group for u in selector(twin).units}
+    assert layers_with_cores(twin) == top_per_group(eq7_by_hand(plain, eval_loss(plain)), groups, 2)
+    with torch.no_grad(), opdiff.materialize(twin):
+        assert ((twin(x, ctx) - before).norm() / before.norm()).item() < 1e-5
+
+
+def save_lora(model, path, alpha: float | None, prefix: str = "unet.") -> None:
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        tensors[f"{prefix}{name}.lora_A.weight"] = layer.lora_A["default"].weight.detach().contiguous()
+        tensors[f"{prefix}{name}.lora_B.weight"] = layer.lora_B["default"].weight.detach().contiguous()
+    metadata = {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": alpha, "unet.r": 4})} if alpha else None
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("alpha", [4.0, 8.0, None])
+def test_mpop_from_a_trained_lora_file_chooses_before_the_first_step(tmp_path, alpha):
+    """Alg. 2 as the paper runs it: a LoRA trained elsewhere is scored by Eq. 7; the run starts from the base."""
+    trained = make("lora", TwoWidthNet, alpha=alpha or 4.0)
+    run(trained, torch.optim.AdamW(opdiff.param_groups(trained, lr=1e-2)), range(4))
+    save_lora(trained, tmp_path / "lora.safetensors", alpha)
+    scores = eq7_by_hand(trained, eval_loss(trained))  # the file's effect is alpha / 4 * B A (1 * B A without alpha)
+    model = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path, alpha=2.0)
+    groups = {u.layer: u.group for u in selector(model).units}
+    initial = {n: (layer.lora_A["default"].weight.detach().clone()) for n, layer in lora_layers(model).items()}
+    if alpha is None:
+        with torch.no_grad():  # a file without alpha has scale 1: score that effect
+            for layer in lora_layers(trained).values():
+                layer.lora_B["default"].weight.mul_(1 / layer.scaling["default"])
+        scores = eq7_by_hand(trained, eval_loss(trained))
+    opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
+    _, events = run(model, opt, range(2))
+    assert {e["step"] for e in events} == {0}
+    chosen = layers_with_cores(model)
+    assert chosen == top_per_group(scores, groups, 2)
+    for e in events:
+        assert e["score"] == pytest.approx(scores[e["layer"]], rel=1e-6, abs=1e-12)
+    fresh = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path, alpha=2.0)
+    with torch.no_grad(), opdiff.materialize(fresh):
+        opdiff.method_of(fresh).before_training(fresh, None, eval_loss(fresh))
+        for name, layer in lora_layers(fresh).items():  # the adapter keeps its own fresh init
+            assert torch.allclose(layer.lora_A["default"].weight, initial[name], atol=1e-6)
+            assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+
+
+def test_mpop_from_a_file_refuses_a_mismatch_naming_the_file(tmp_path):
+    trained = make("lora", TwoWidthNet, rank=2)
+    save_lora(trained, tmp_path / "r2.safetensors", 2.0)
+    model = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path / "r2.safetensors")
+    with pytest.raises(ValueError, match=r"r2\.safetensors has .*lora_A\.weight of shape \(2, 12\).*--rank 4"):
+        opdiff.method_of(model).before_training(model, None, eval_loss(model))
+    model = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path / "missing")
+    with pytest.raises(ValueError, match="missing does not exist"):
+        opdiff.method_of(model).before_training(model, None, eval_loss(model))
+    other = make("lora", TwoWidthNet, target_modules=("to_q",))
+    save_lora(other, tmp_path / "q.safetensors", 4.0)
+    model = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path / "q.safetensors")
+    with pytest.raises(ValueError, match=r"q\.safetensors has no .*to_k\.lora_A\.weight"):
+        opdiff.method_of(model).before_training(model, None, eval_loss(model))
 
 
 def test_eq7_scores_match_zeroing_by_hand():
@@ -126,27 +434,26 @@ def test_eq7_scores_match_zeroing_by_hand():
     run(model, opt, range(3))
     sel = selector(model)
     f = eval_loss(model)
-    scores = sel._loss_scores(model, f)
     base = f()
-    for k in (0, 1, 7, 22):
-        w = sel.matrix(model, k).weight
-        saved = w.detach().clone()
-        with torch.no_grad():
-            w.zero_()
-        by_hand = abs(base - f())
-        with torch.no_grad():
-            w.copy_(saved)
-        assert scores[k].item() == pytest.approx(by_hand, rel=1e-9, abs=1e-12)
+    scores = sel._loss_scores(model, f)
     assert f() == base, "scoring must restore every matrix"
+    by_hand = eq7_by_hand(model, f)
+    for k, unit in enumerate(sel.units):
+        assert scores[k].item() == pytest.approx(by_hand[unit.layer], rel=1e-9, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------ both
 
 
 @pytest.mark.parametrize("method", ["lora-over-mpop", "lora-over-mpor"])
-def test_resume_after_a_selection_restores_it(method):
-    model = make(method)
+@pytest.mark.parametrize("legacy", [False, True], ids=["paper", "earlier"])
+def test_resume_after_a_selection_restores_it(method, legacy):
+    kw = LEGACY if legacy else {}
+    model = make(method, **kw)
     opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
     full, _ = run(model, opt, range(8))
 
-    first = make(method)
+    first = make(method, **kw)
     opt1 = torch.optim.AdamW(opdiff.param_groups(first, lr=1e-2))
     head, _ = run(first, opt1, range(3))  # stops after the first selection
     state, opt_state = opdiff.training_state_dict(first), opt1.state_dict()
@@ -156,11 +463,29 @@ def test_resume_after_a_selection_restores_it(method):
     resumed.load_state_dict({k: v for k, v in first.state_dict().items() if "lora" not in k and "opdiff" not in k},
                             strict=False)
     opdiff.load_training_state_dict(resumed, state)
-    assert n_mpo_per_group(resumed) == n_mpo_per_group(first)
+    assert layers_with_cores(resumed) == layers_with_cores(first) if not legacy else True
     opt2 = torch.optim.AdamW(opdiff.param_groups(resumed, lr=1e-2))
     opt2.load_state_dict(opt_state)
     tail, _ = run(resumed, opt2, range(3, 8))
     assert head + tail == pytest.approx(full, rel=1e-6)
+
+
+def test_earlier_grouping_ranks_each_matrix_alone():
+    """`select_groups = suffix-and-matrix`: groups of module kind x A/B, each matrix its own unit."""
+    sel = selector(make("lora-over-mpor", **LEGACY))
+    layers = list(lora_layers(make("lora")))
+    assert [(u.layer, u.matrices) for u in sel.units] == [(n, (m,)) for n in layers for m in "AB"]
+    assert {u.group for u in sel.units} == {f"{k}/{m}" for k in ("to_q", "to_k", "to_v", "to_out.0") for m in "AB"}
+
+
+def test_saved_configs_without_the_new_settings_mean_the_earlier_selection():
+    saved = opdiff.AdapterConfig(method="lora-over-mpor", select_top_n=2).to_dict()
+    for key in ("select_groups", "select_accumulate", "select_restart", "select_fraction", "select_from"):
+        del saved[key]
+    config = opdiff.AdapterConfig.from_saved(saved)
+    assert (config.select_groups, config.select_accumulate, config.select_restart) == (
+        "suffix-and-matrix", "round", False)
+    assert config.select_top_n == 2
 
 
 def test_checkpoint_mismatch_is_named():
@@ -175,7 +500,7 @@ def test_checkpoint_mismatch_is_named():
 
 def test_custom_param_groups_keep_each_parameter_in_exactly_one_group():
     """A user's own groups (here the LoRA matrices split in two) survive conversions: none gains another's."""
-    model = make("lora-over-mpor")
+    model = make("lora-over-mpor", TwoWidthNet, select_top_n=1)
     adapter, mpo = opdiff.param_groups(model, lr=1e-2)
     half = len(adapter["params"]) // 2
     opt = torch.optim.AdamW([{**adapter, "params": adapter["params"][:half]},

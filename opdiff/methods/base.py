@@ -7,6 +7,7 @@ method is injected (`method_of(model)`) and never names one:
 
     groups = method.param_groups(model, lr)          # optimizer parameter groups
     warning = method.schedule_warning(config, total)   # before training: can its schedule finish?
+    events = method.before_training(model, optimizer, probe_loss)   # once, before the first step of a new run
     ... loss.backward()
     method.after_backward(model, step)                # unscaled gradients are in .grad
     optimizer.step()
@@ -71,6 +72,14 @@ class Method:
     def schedule_warning(self, config: AdapterConfig, total_steps: int) -> str | None:
         """Return why the method's schedule cannot finish within `total_steps` (naming the setting), or None."""
         return None
+
+    def before_training(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        probe_loss: ProbeLoss) -> list[dict]:
+        """Called once before the first step of a new run (not on resume); may restructure like `after_step`.
+
+        Returns events worth showing the user; none by default.
+        """
+        return []
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         """Called after the backward pass of optimizer step `step` (1-based), with unscaled gradients in `.grad`."""
