@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from opdiff.methods import METHODS, method_settings
-from opdiff.settings import Setting, Settings, option
+from opdiff.settings import Setting, Settings, option, plain_value
 
 DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -92,4 +92,4 @@ class AdapterConfig(Settings):
 
     def to_dict(self) -> dict[str, Any]:
         """Return the flat settings: method, rank, alpha, target_modules and every method setting."""
-        return {**super().to_dict(), **self.options}
+        return {**super().to_dict(), **plain_value(self.options)}

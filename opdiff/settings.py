@@ -275,7 +275,7 @@ class Settings:
             if isinstance(value, Settings):
                 out.update(value.to_dict())
             elif "setting" in f.metadata:
-                out[f.name] = _plain(value)
+                out[f.name] = plain_value(value)
         return out
 
     def replace(self, **changes: Any) -> Any:
@@ -283,11 +283,12 @@ class Settings:
         return type(self).from_dict({**self.to_dict(), **changes})
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
+    """A setting's value as JSON has it: paths as strings, tuples as lists."""
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_value(v) for k, v in value.items()}
     return value

@@ -373,7 +373,7 @@ def _shared_metadata(config: opdiff.AdapterConfig, run_config: dict | None, step
         "opdiff_rank": str(config.rank),
         "opdiff_alpha": str(float(config.alpha)),
         "opdiff_targets": json.dumps(list(config.target_modules)),
-        "opdiff_adapter": json.dumps(config.to_dict(), sort_keys=True),
+        "opdiff_adapter": json.dumps(scrub_paths(config.to_dict()), sort_keys=True),
     }
     if run_config is not None:
         base = model_identity(run_config["base"])

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import opdiff
@@ -73,6 +74,39 @@ def test_train_writes_run_files_and_leaves_base_untouched(method, bundled_model,
     if method in SELECTING:
         assert RunDir(run_dir).read_events(), "selection chose nothing"
     _assert_base_unchanged(pipe.unet, before)
+
+
+def test_mpop_scores_a_finished_lora_run_and_trains_from_the_base(bundled_model, demo_subset, quick_settings,
+                                                                     tmp_path):
+    """lora-over.txt Alg. 2 as the paper runs it: a trained LoRA run is scored by Eq. 7 before the first step; the
+    chosen layers then train as MPO from the base, and the run exports as usual."""
+    pipe = load_pipeline(bundled_model, device="cpu")
+    settings = quick_settings("lora-over-mpop")
+    targets = {"target_modules": settings["target_modules"]}
+    data = demo_subset(2)
+    lora_run = train(TrainConfig(data=data, output_dir=tmp_path / "lora", max_steps=3, lr=1e-3, method="lora",
+                                 **targets), pipe=pipe)
+    cfg = TrainConfig(data=data, output_dir=tmp_path / "mpop", max_steps=2, lr=1e-3,
+                      **{**settings, "select_from": lora_run, "select_top_n": None, "select_fraction": 0.5})
+    events = []
+    run_dir = train(cfg, on_event=events.append, pipe=load_pipeline(bundled_model, device="cpu"))
+    chosen = RunDir(run_dir).read_events()
+    assert chosen and {e["step"] for e in chosen} == {0} and {e["matrix"] for e in chosen} == {"A and B"}
+    assert events[0]["events"] == chosen, "the choice made before step 1 is shown with step 1"
+    per_group = {}
+    for e in chosen:
+        per_group[e["group"]] = per_group.get(e["group"], 0) + 1
+    layers = json.loads((run_dir / "config.json").read_text())["adapter"]
+    assert layers["select_from"] == str(lora_run)
+    state = load_file(run_dir / "adapter_training.safetensors")
+    assert any(".cores." in k for k in state) and (run_dir / "lora.safetensors").is_file()
+    assert all(n >= 1 for n in per_group.values())
+    shipped = sorted(run_dir.glob("lora*.safetensors"))
+    assert len(shipped) == 2  # diffusers and kohya
+    for file in shipped:
+        with safe_open(str(file), "pt") as f:
+            header = json.dumps(f.metadata())
+        assert "select_from" in header and str(tmp_path) not in header, f"{file.name} names a path of this machine"
 
 
 @pytest.mark.parametrize("method", METHODS)
