@@ -27,7 +27,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# Mutation testing of the method maths (opdiff/mpo.py, methods/op.py, methods/lora_over.py, reparam.py) against
+# Mutation testing of the method maths (opdiff/mpo.py, methods/op.py, lora_over.py, lora_over_select.py, reparam.py) against
 # the fast opdiff-level tests; not part of `make test`. Settings in pyproject.toml [tool.mutmut]; takes a while.
 mutation: setup
 	OMP_NUM_THREADS=1 nice -n 19 $(VENV)/bin/mutmut run --max-children 2
