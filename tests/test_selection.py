@@ -510,3 +510,14 @@ def test_custom_param_groups_keep_each_parameter_in_exactly_one_group():
     assert len(in_opt) == len(set(in_opt)), "a parameter sits in two groups"
     assert set(in_opt) == {id(p) for p in model.parameters() if p.requires_grad}
     assert opt.param_groups[1]["lr"] == 5e-3 and 0 < len(opt.param_groups[1]["params"]) <= len(adapter["params"]) - half
+
+
+def test_schedule_warnings_name_the_setting_to_change(tmp_path):
+    mpor, mpop = opdiff.METHODS["lora-over-mpor"], opdiff.METHODS["lora-over-mpop"]
+    config = opdiff.AdapterConfig(method="lora-over-mpor", select_every=50, select_split=8)
+    assert mpor.schedule_warning(config, 400) is None  # 8 rounds of 50 steps fit
+    assert "--select-every" in mpor.schedule_warning(config, 399)
+    config = opdiff.AdapterConfig(method="lora-over-mpop", select_warmup_steps=100)
+    assert mpop.schedule_warning(config, 101) is None
+    assert "--select-warmup-steps" in mpop.schedule_warning(config, 100)  # no step left for the restarted adapter
+    assert mpop.schedule_warning(config.replace(select_from=tmp_path), 1) is None  # scored before the first step
