@@ -96,6 +96,7 @@ CMMD_HOW_TO_READ = ("CMMD measures how far generated images are from your traini
 CSS = """
 .settings { gap: 12px; }
 .settings > *, .settings .form > .block { min-width: min(240px, 100%) !important; }
+.settings .form > .block.choice-help { flex-basis: 100% !important; }
 .actions { align-items: flex-end; gap: 12px; }
 .actions > button { flex-grow: 0 !important; min-width: max-content !important; white-space: nowrap; }
 .ref { color: var(--body-text-color-subdued); font-size: var(--text-sm); }
@@ -103,9 +104,16 @@ CSS = """
 #compare-grid th, #compare-grid td { padding: 4px; vertical-align: top; text-align: left;
                                      border: 1px solid var(--border-color-primary); }
 #compare-grid th { font-weight: 600; max-width: 260px; overflow-wrap: anywhere; }
-#compare-grid img { width: 192px; height: 192px; image-rendering: pixelated; display: block; }
+#compare-grid td { width: 192px; }
+#compare-grid img { width: 192px; max-width: none; height: auto; margin: 0; image-rendering: pixelated;
+                    display: block; }
 #compare-grid .scroll { overflow-x: auto; }
+#slider img { object-fit: contain; }
 """
+THEME = gr.themes.Default().set(body_text_color_subdued="*neutral_600", block_info_text_color="*neutral_600",
+                                body_text_color_subdued_dark="*neutral_400",
+                                block_info_text_color_dark="*neutral_400")
+"""Gradio's default look with darker help lines and source notes: its pale grey reads below 4.5:1 on white."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,8 +143,7 @@ def _info(s: Setting) -> str:
     """A widget's help line: plain help, then what an empty box means, then the source (a second line)."""
     text = s.help
     if s.optional and s.none_means:
-        number = s.item_type in (int, float) and s.allowed is None
-        text += f" {'0 or empty' if number else 'Empty'}: {s.none_means}."  # a number box shows an empty value as 0
+        text += f" Empty: {s.none_means}."
     return text + (f"\nSource: {s.ref}" if s.ref else "")
 
 
@@ -158,13 +165,20 @@ def _widget(s: Setting, visible: bool = True) -> gr.components.Component:
               "min_width": 240}
     if s.base_type is bool:
         return gr.Checkbox(s.default, **common)
-    if s.allowed is not None:
-        return gr.Dropdown(list(zip(_choice_labels(s), s.allowed, strict=True)), value=s.default, **common)
+    if s.allowed is not None:  # a choice with a help line takes a whole row, so the chosen line shows uncut
+        return gr.Dropdown(list(zip(_choice_labels(s), s.allowed, strict=True)), value=s.default,
+                           elem_classes=["choice-help"] if s.choice_help else None, **common)
     if s.is_list:
         return gr.Textbox(_shown(s, s.default), lines=2, **{**common, "info": common["info"] + " One per line."})
     if s.item_type in (int, float):
-        return gr.Number(s.default, precision=0 if s.item_type is int else None, **common)
+        return gr.Number(s.default, precision=0 if s.item_type is int else None, placeholder=_placeholder(s),
+                         **common)
     return gr.Textbox(_shown(s, s.default), **common)
+
+
+def _placeholder(s: Setting) -> str | None:
+    """What an optional box shows while empty (gradio shows 0 in an empty number box that has no placeholder)."""
+    return "empty" if s.optional else None
 
 
 def _shown(s: Setting, value: object) -> object:
@@ -177,8 +191,8 @@ def _shown(s: Setting, value: object) -> object:
 
 
 def _config_from_form(values: dict) -> TrainConfig:
-    """Turn the form's values into a TrainConfig; an empty box (or 0 where 0 is not allowed) of an optional
-    setting means its default."""
+    """Turn the form's values into a TrainConfig; an empty box of an optional setting (None), or a 0 where 0 is
+    not allowed (as API callers may send), means its default."""
     settings = {s.name: s for s in TrainConfig.settings()}
     clean = {}
     for name, value in values.items():
@@ -186,7 +200,7 @@ def _config_from_form(values: dict) -> TrainConfig:
         if s.optional and value == 0 and s.item_type in (int, float):
             try:
                 s.check(0)
-            except ValueError:  # an emptied number box sends 0
+            except ValueError:
                 value = None
         clean[name] = value
     try:
@@ -869,7 +883,7 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                                             elem_id="loss-plot", min_width=360,
                                             color_map={"raw": "#b0b7c3", "smoothed": "#e4572e"})
                     samples = gr.Gallery(label=SAMPLES_EMPTY, columns=4, height=240, elem_id="samples", min_width=360,
-                                         allow_preview=True, preview=False, fit_columns=False)
+                                         allow_preview=True, preview=False, fit_columns=False, object_fit="contain")
                 samples_shown = gr.State(None)
                 selections = gr.Dataframe(label="What the method did", visible=False, interactive=False,
                                           elem_id="method-events")
