@@ -190,19 +190,34 @@ def _shown(s: Setting, value: object) -> object:
     return str(value) if s.item_type not in (bool, int, float) and s.allowed is None else value
 
 
+def _means_empty(s: Setting, value: object) -> bool:
+    """Whether a number box's `value` stands for an empty box: 0 in an optional box where 0 is not allowed (gradio
+    puts 0 in an empty number box when it first draws it; API callers may send 0 too)."""
+    if not (s.optional and s.item_type in (int, float) and s.allowed is None and value == 0):
+        return False
+    try:
+        s.check(0)
+    except ValueError:
+        return True
+    return False
+
+
+def _optional_numbers() -> list[Setting]:
+    """The form's optional number settings: their boxes are emptied where gradio drew them with a 0."""
+    return [s for s in form_settings() if s.optional and s.item_type in (int, float) and s.allowed is None
+            and not s.is_list]
+
+
+def _emptied(*values: object) -> list:
+    """The optional number boxes' values (`_optional_numbers` order), a 0 that stands for empty made empty."""
+    return [None if _means_empty(s, v) else v for s, v in zip(_optional_numbers(), values, strict=True)]
+
+
 def _config_from_form(values: dict) -> TrainConfig:
     """Turn the form's values into a TrainConfig; an empty box of an optional setting (None), or a 0 where 0 is
-    not allowed (as API callers may send), means its default."""
+    not allowed, means its default."""
     settings = {s.name: s for s in TrainConfig.settings()}
-    clean = {}
-    for name, value in values.items():
-        s = settings[name]
-        if s.optional and value == 0 and s.item_type in (int, float):
-            try:
-                s.check(0)
-            except ValueError:
-                value = None
-        clean[name] = value
+    clean = {name: None if _means_empty(settings[name], value) else value for name, value in values.items()}
     try:
         return TrainConfig.from_dict(clean)
     except ValueError as e:
@@ -883,7 +898,8 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                                             elem_id="loss-plot", min_width=360,
                                             color_map={"raw": "#b0b7c3", "smoothed": "#e4572e"})
                     samples = gr.Gallery(label=SAMPLES_EMPTY, columns=4, height=240, elem_id="samples", min_width=360,
-                                         allow_preview=True, preview=False, fit_columns=False, object_fit="contain")
+                                         allow_preview=True, preview=False, fit_columns=False,
+                                         object_fit="contain")  # a whole grid in each thumbnail, labels too
                 samples_shown = gr.State(None)
                 selections = gr.Dataframe(label="What the method did", visible=False, interactive=False,
                                           elem_id="method-events")
@@ -1019,10 +1035,13 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
         next_train.click(_to_train, outputs=steps, api_name="go_train")
 
         preset_outputs = [form[s.name] for s in settings] + [method_about, preset_about]
-        preset.input(app.apply_preset, preset, preset_outputs, api_name="apply_preset")
+        empty_boxes = [form[s.name] for s in _optional_numbers()]  # boxes just drawn or shown hold gradio's 0
+        preset.input(app.apply_preset, preset, preset_outputs, api_name="apply_preset").then(
+            _emptied, empty_boxes, empty_boxes, api_name="empty_boxes_after_preset", show_progress="hidden")
         method_widgets = [form[s.name] for s in settings if s.read_by is not None]
         form[METHOD].change(app.method_changed, form[METHOD], [*method_widgets, method_about],
-                            api_name="method_changed")
+                            api_name="method_changed").then(
+            _emptied, empty_boxes, empty_boxes, api_name="empty_boxes_after_method", show_progress="hidden")
         status_outputs = [status_html, loss_plot, selections, job, start, stop, samples, samples_shown,
                           next_results, live]
         start.click(_keyword_handler(app.start_training, form), inputs_kwargs=form, outputs=status_outputs,
@@ -1052,7 +1071,8 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
         demo.load(app.refresh, list_inputs, lists, api_name="refresh").then(
             app.restore_form, outputs=[*(form[s.name] for s in settings), method_about, view_dataset],
             api_name="restore_form").then(
-            app.show_dataset, view_dataset, dataset_outputs, api_name="show_dataset_on_load")
+            app.show_dataset, view_dataset, dataset_outputs, api_name="show_dataset_on_load").then(
+            _emptied, empty_boxes, empty_boxes, api_name="empty_boxes_on_load", show_progress="hidden")
         demo.load(app.presets, outputs=[preset, preset_about], api_name="presets")
         demo.load(app.poll, samples_shown, status_outputs, api_name="status_on_load")
         demo.load(app.clip_status, outputs=[clip_note, clip], api_name="clip_status_on_load")
@@ -1147,7 +1167,8 @@ def serve(output_dir: str | Path = "runs", host: str | None = None, port: int | 
     demo = build_app(output_dir, max_upload_bytes)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=False, max_file_size=max_upload_bytes, auth=auth, css=CSS,
-                prevent_thread_lock=not block, quiet=not block, show_error=True, footer_links=["api"], **launch)
+                theme=THEME, prevent_thread_lock=not block, quiet=not block, show_error=True, footer_links=["api"],
+                **launch)
     return demo
 
 

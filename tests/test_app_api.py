@@ -661,3 +661,7 @@ def test_optional_number_boxes_show_empty_and_an_empty_box_means_the_default():
         assert "0 or empty" not in widget.info
     cfg = app._config_from_form({s.name: None for s in optional}).to_dict()
     assert {s.name: cfg[s.name] for s in optional} == {s.name: None for s in optional}
+    # gradio draws an empty number box with a 0: the page empties those where 0 is not a value of the setting
+    optional = app._optional_numbers()
+    assert app._emptied(*[0] * len(optional)) == [None if app._means_empty(s, 0) else 0 for s in optional]
+    assert None in app._emptied(*[0] * len(optional)) and app._emptied(*[7] * len(optional)) == [7] * len(optional)
