@@ -116,8 +116,9 @@ CONTRAST = """els => els.filter(e => e.offsetParent !== null && e.textContent.tr
 """[text, alpha of its colour, contrast ratio to the nearest background drawn behind it] of each visible element."""
 
 LABEL_FITS = """([id, labels]) => {
-    const input = document.querySelector(`#${id} input`), style = getComputedStyle(input);
-    if (input.offsetParent === null) return [];  // not on view (another method's, or folded)
+    const input = document.querySelector(`#${id} input`);
+    if (!input || input.offsetParent === null) return [];  // not on view (another method's, or folded)
+    const style = getComputedStyle(input);
     const ctx = document.createElement("canvas").getContext("2d");
     ctx.font = style.font;
     const room = input.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
@@ -236,12 +237,12 @@ def test_the_whole_flow_as_a_person_walks_it(page, server, bundled_data, bundled
     check_layout(page, _choice_fields())
     page.click("#start")
     run, first = progress(page)
-    config = json.loads((out / run / "config.json").read_text())["train"]
-    assert config["max_grad_norm"] is None and config["max_steps"] == 100_000
     assert page.evaluate("window.scrollY") == 0  # the progress is in view
     page.locator("#samples").get_by_text("step 000000").wait_for(timeout=60_000)  # the base, rendered by training
     assert (out / run / "samples" / "step-000000.png").is_file()
     _, later = wait_for_step_above(page, first)
+    config = json.loads((out / run / "config.json").read_text())["train"]
+    assert config["max_grad_norm"] is None and config["max_steps"] == 100_000  # the emptied box sent None
     page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for()
     shots(page, tmp_path, "2-train")
     for fold in ("Captions and images", "Sample images"):  # the other two are open already
