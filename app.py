@@ -96,6 +96,7 @@ CMMD_HOW_TO_READ = ("CMMD measures how far generated images are from your traini
 CSS = """
 .settings { gap: 12px; }
 .settings > *, .settings .form > .block { min-width: min(240px, 100%) !important; }
+.settings .form > .block.choice-help { flex-basis: 100% !important; }
 .actions { align-items: flex-end; gap: 12px; }
 .actions > button { flex-grow: 0 !important; min-width: max-content !important; white-space: nowrap; }
 .ref { color: var(--body-text-color-subdued); font-size: var(--text-sm); }
@@ -103,9 +104,16 @@ CSS = """
 #compare-grid th, #compare-grid td { padding: 4px; vertical-align: top; text-align: left;
                                      border: 1px solid var(--border-color-primary); }
 #compare-grid th { font-weight: 600; max-width: 260px; overflow-wrap: anywhere; }
-#compare-grid img { width: 192px; height: 192px; image-rendering: pixelated; display: block; }
+#compare-grid td { width: 192px; }
+#compare-grid img { width: 192px; max-width: none; height: auto; margin: 0; image-rendering: pixelated;
+                    display: block; }
 #compare-grid .scroll { overflow-x: auto; }
+#slider img { object-fit: contain; }
 """
+THEME = gr.themes.Default().set(body_text_color_subdued="*neutral_600", block_info_text_color="*neutral_600",
+                                body_text_color_subdued_dark="*neutral_400",
+                                block_info_text_color_dark="*neutral_400")
+"""Gradio's default look with darker help lines and source notes: its pale grey reads below 4.5:1 on white."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,8 +143,7 @@ def _info(s: Setting) -> str:
     """A widget's help line: plain help, then what an empty box means, then the source (a second line)."""
     text = s.help
     if s.optional and s.none_means:
-        number = s.item_type in (int, float) and s.allowed is None
-        text += f" {'0 or empty' if number else 'Empty'}: {s.none_means}."  # a number box shows an empty value as 0
+        text += f" Empty: {s.none_means}."
     return text + (f"\nSource: {s.ref}" if s.ref else "")
 
 
@@ -158,13 +165,20 @@ def _widget(s: Setting, visible: bool = True) -> gr.components.Component:
               "min_width": 240}
     if s.base_type is bool:
         return gr.Checkbox(s.default, **common)
-    if s.allowed is not None:
-        return gr.Dropdown(list(zip(_choice_labels(s), s.allowed, strict=True)), value=s.default, **common)
+    if s.allowed is not None:  # a choice with a help line takes a whole row, so the chosen line shows uncut
+        return gr.Dropdown(list(zip(_choice_labels(s), s.allowed, strict=True)), value=s.default,
+                           elem_classes=["choice-help"] if s.choice_help else None, **common)
     if s.is_list:
         return gr.Textbox(_shown(s, s.default), lines=2, **{**common, "info": common["info"] + " One per line."})
     if s.item_type in (int, float):
-        return gr.Number(s.default, precision=0 if s.item_type is int else None, **common)
+        return gr.Number(s.default, precision=0 if s.item_type is int else None, placeholder=_placeholder(s),
+                         **common)
     return gr.Textbox(_shown(s, s.default), **common)
+
+
+def _placeholder(s: Setting) -> str | None:
+    """What an optional box shows while empty (gradio shows 0 in an empty number box that has no placeholder)."""
+    return "empty" if s.optional else None
 
 
 def _shown(s: Setting, value: object) -> object:
@@ -176,19 +190,34 @@ def _shown(s: Setting, value: object) -> object:
     return str(value) if s.item_type not in (bool, int, float) and s.allowed is None else value
 
 
+def _means_empty(s: Setting, value: object) -> bool:
+    """Whether a number box's `value` stands for an empty box: 0 in an optional box where 0 is not allowed (gradio
+    puts 0 in an empty number box when it first draws it; API callers may send 0 too)."""
+    if not (s.optional and s.item_type in (int, float) and s.allowed is None and value == 0):
+        return False
+    try:
+        s.check(0)
+    except ValueError:
+        return True
+    return False
+
+
+def _optional_numbers() -> list[Setting]:
+    """The form's optional number settings: their boxes are emptied where gradio drew them with a 0."""
+    return [s for s in form_settings() if s.optional and s.item_type in (int, float) and s.allowed is None
+            and not s.is_list]
+
+
+def _emptied(*values: object) -> list:
+    """The optional number boxes' values (`_optional_numbers` order), a 0 that stands for empty made empty."""
+    return [None if _means_empty(s, v) else v for s, v in zip(_optional_numbers(), values, strict=True)]
+
+
 def _config_from_form(values: dict) -> TrainConfig:
-    """Turn the form's values into a TrainConfig; an empty box (or 0 where 0 is not allowed) of an optional
-    setting means its default."""
+    """Turn the form's values into a TrainConfig; an empty box of an optional setting (None), or a 0 where 0 is
+    not allowed, means its default."""
     settings = {s.name: s for s in TrainConfig.settings()}
-    clean = {}
-    for name, value in values.items():
-        s = settings[name]
-        if s.optional and value == 0 and s.item_type in (int, float):
-            try:
-                s.check(0)
-            except ValueError:  # an emptied number box sends 0
-                value = None
-        clean[name] = value
+    clean = {name: None if _means_empty(settings[name], value) else value for name, value in values.items()}
     try:
         return TrainConfig.from_dict(clean)
     except ValueError as e:
@@ -869,7 +898,8 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                                             elem_id="loss-plot", min_width=360,
                                             color_map={"raw": "#b0b7c3", "smoothed": "#e4572e"})
                     samples = gr.Gallery(label=SAMPLES_EMPTY, columns=4, height=240, elem_id="samples", min_width=360,
-                                         allow_preview=True, preview=False, fit_columns=False)
+                                         allow_preview=True, preview=False, fit_columns=False,
+                                         object_fit="contain")  # a whole grid in each thumbnail, labels too
                 samples_shown = gr.State(None)
                 selections = gr.Dataframe(label="What the method did", visible=False, interactive=False,
                                           elem_id="method-events")
@@ -1005,10 +1035,13 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
         next_train.click(_to_train, outputs=steps, api_name="go_train")
 
         preset_outputs = [form[s.name] for s in settings] + [method_about, preset_about]
-        preset.input(app.apply_preset, preset, preset_outputs, api_name="apply_preset")
+        empty_boxes = [form[s.name] for s in _optional_numbers()]  # boxes just drawn or shown hold gradio's 0
+        preset.input(app.apply_preset, preset, preset_outputs, api_name="apply_preset").then(
+            _emptied, empty_boxes, empty_boxes, api_name="empty_boxes_after_preset", show_progress="hidden")
         method_widgets = [form[s.name] for s in settings if s.read_by is not None]
         form[METHOD].change(app.method_changed, form[METHOD], [*method_widgets, method_about],
-                            api_name="method_changed")
+                            api_name="method_changed").then(
+            _emptied, empty_boxes, empty_boxes, api_name="empty_boxes_after_method", show_progress="hidden")
         status_outputs = [status_html, loss_plot, selections, job, start, stop, samples, samples_shown,
                           next_results, live]
         start.click(_keyword_handler(app.start_training, form), inputs_kwargs=form, outputs=status_outputs,
@@ -1038,7 +1071,8 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
         demo.load(app.refresh, list_inputs, lists, api_name="refresh").then(
             app.restore_form, outputs=[*(form[s.name] for s in settings), method_about, view_dataset],
             api_name="restore_form").then(
-            app.show_dataset, view_dataset, dataset_outputs, api_name="show_dataset_on_load")
+            app.show_dataset, view_dataset, dataset_outputs, api_name="show_dataset_on_load").then(
+            _emptied, empty_boxes, empty_boxes, api_name="empty_boxes_on_load", show_progress="hidden")
         demo.load(app.presets, outputs=[preset, preset_about], api_name="presets")
         demo.load(app.poll, samples_shown, status_outputs, api_name="status_on_load")
         demo.load(app.clip_status, outputs=[clip_note, clip], api_name="clip_status_on_load")
@@ -1133,7 +1167,8 @@ def serve(output_dir: str | Path = "runs", host: str | None = None, port: int | 
     demo = build_app(output_dir, max_upload_bytes)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=False, max_file_size=max_upload_bytes, auth=auth, css=CSS,
-                prevent_thread_lock=not block, quiet=not block, show_error=True, footer_links=["api"], **launch)
+                theme=THEME, prevent_thread_lock=not block, quiet=not block, show_error=True, footer_links=["api"],
+                **launch)
     return demo
 
 

@@ -125,28 +125,43 @@ def _render(pipe: StableDiffusionXLPipeline, adapter: str | None, prompt: str, s
 
 
 def grid_image(rows: list[tuple[str, list[Image.Image]]], titles: list[str]) -> Image.Image:
-    """Return one image: a title strip (`titles` over the columns), then per row a label strip and its images."""
+    """Return one image: a title band (`titles` over the columns), then per row a label band and its images. Text
+    too long for its width wraps onto more lines of the band, so no label is cut."""
     cell = max(MIN_CELL, rows[0][1][0].width)
     font = ImageFont.load_default(size=11)
-    grid = Image.new("RGB", (cell * len(titles), LABEL_HEIGHT + len(rows) * (LABEL_HEIGHT + cell)), "white")
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    heads = [_wrap(draw, title, font, cell - 8) for title in titles]
+    labels = [_wrap(draw, label, font, cell * len(titles) - 8) for label, _ in rows]
+    head = LABEL_HEIGHT * max(map(len, heads))
+    height = head + sum(LABEL_HEIGHT * len(lines) + cell for lines in labels)
+    grid = Image.new("RGB", (cell * len(titles), height), "white")
     draw = ImageDraw.Draw(grid)
-    for c, title in enumerate(titles):
-        draw.text((c * cell + 4, 2), _fit(draw, title, font, cell - 8), fill="black", font=font)
-    for r, (label, images) in enumerate(rows):
-        top = LABEL_HEIGHT + r * (LABEL_HEIGHT + cell)
-        draw.text((4, top + 2), _fit(draw, label, font, grid.width - 8), fill="black", font=font)
+    for c, lines in enumerate(heads):
+        draw.multiline_text((c * cell + 4, 2), "\n".join(lines), fill="black", font=font, spacing=LABEL_HEIGHT - 11)
+    top = head
+    for lines, (_, images) in zip(labels, rows, strict=True):
+        draw.multiline_text((4, top + 2), "\n".join(lines), fill="black", font=font, spacing=LABEL_HEIGHT - 11)
+        top += LABEL_HEIGHT * len(lines)
         for c, image in enumerate(images):
-            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, top + LABEL_HEIGHT))
+            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, top))
+        top += cell
     return grid
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
-    """`text`, shortened with an ellipsis until it fits `width` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """`text` in lines of at most `width` pixels, broken at spaces (a word wider than a line, anywhere in it)."""
+    lines = [""]
+    for word in text.split(" "):
+        joined = f"{lines[-1]} {word}" if lines[-1] else word
+        if draw.textlength(joined, font=font) <= width:
+            lines[-1] = joined
+            continue
+        lines.append("")
+        for char in word:
+            if lines[-1] and draw.textlength(lines[-1] + char, font=font) > width:
+                lines.append("")
+            lines[-1] += char
+    return [line for line in lines if line] or [""]
 
 
 def _title(lora: Path) -> str:

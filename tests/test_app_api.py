@@ -647,3 +647,21 @@ def test_a_login_comes_from_the_flag_or_the_environment_and_exposure_without_one
     for host in ("0.0.0.0", "192.168.1.5", "my-machine"):
         warning = app.exposure_warning(host, None)
         assert warning.startswith(f"WARNING: serving on {host} without a login") and "--auth USER:PASSWORD" in warning
+
+
+def test_optional_number_boxes_show_empty_and_an_empty_box_means_the_default():
+    app = load_app()
+    optional = [s for s in app.form_settings()
+                if s.optional and s.item_type in (int, float) and s.allowed is None and not s.is_list]
+    assert optional
+    for s in optional:
+        widget = app._widget(s)
+        assert widget.value is None and widget.placeholder  # without a placeholder gradio shows None as 0
+        assert app._shown(s, None) is None
+        assert "0 or empty" not in widget.info
+    cfg = app._config_from_form({s.name: None for s in optional}).to_dict()
+    assert {s.name: cfg[s.name] for s in optional} == {s.name: None for s in optional}
+    # gradio draws an empty number box with a 0: the page empties those where 0 is not a value of the setting
+    optional = app._optional_numbers()
+    assert app._emptied(*[0] * len(optional)) == [None if app._means_empty(s, 0) else 0 for s in optional]
+    assert None in app._emptied(*[0] * len(optional)) and app._emptied(*[7] * len(optional)) == [7] * len(optional)

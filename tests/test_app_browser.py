@@ -10,6 +10,7 @@ $OPDIFF_SCREENSHOTS when set).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -101,6 +102,52 @@ def shots(page, folder: Path, name: str) -> None:
     page.set_viewport_size({"width": WIDTHS[0], "height": 900})
 
 
+CONTRAST = """els => els.filter(e => e.offsetParent !== null && e.textContent.trim()).map(e => {
+    const rgba = c => { const v = c.match(/[\\d.]+/g).map(Number); return v.length === 4 ? v : [...v, 1]; };
+    const lum = ([r, g, b]) => [r, g, b].map(v => (v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4)
+                                        .reduce((s, v, k) => s + v * [0.2126, 0.7152, 0.0722][k], 0);
+    let back = e.parentElement;
+    while (back && rgba(getComputedStyle(back).backgroundColor)[3] === 0) back = back.parentElement;
+    const text = rgba(getComputedStyle(e).color);
+    const ground = back ? rgba(getComputedStyle(back).backgroundColor) : [255, 255, 255, 1];
+    const [hi, lo] = [lum(text), lum(ground)].sort((a, b) => b - a);
+    return [e.textContent.trim().slice(0, 40), text[3], (hi + 0.05) / (lo + 0.05)];
+})"""
+"""[text, alpha of its colour, contrast ratio to the nearest background drawn behind it] of each visible element."""
+
+LABEL_FITS = """([id, labels]) => {
+    const input = document.querySelector(`#${id} input`);
+    if (!input || input.offsetParent === null) return [];  // not on view (another method's, or folded)
+    const style = getComputedStyle(input);
+    const ctx = document.createElement("canvas").getContext("2d");
+    ctx.font = style.font;
+    const room = input.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+    return labels.filter(l => ctx.measureText(l).width > room);
+}"""
+"""The choices of a dropdown whose label would not fit in its box."""
+
+CELLS = """cells => cells.map(td => { const c = td.getBoundingClientRect(), i = td.querySelector("img"),
+                                   r = i.getBoundingClientRect();
+    return [c.width, c.height, r.width, r.height, i.naturalWidth / i.naturalHeight]; })"""
+"""Per compare cell: its width and height, its image's shown width and height, the image's own aspect ratio."""
+
+
+def check_layout(page, choices: dict[str, list[str]] | None = None) -> None:
+    """At each width: help lines and source notes read at 4.5:1 or more; each dropdown in `choices` (elem_id:
+    labels) shows every label uncut; the compare grid's cells, when shown, are square with undistorted images."""
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(300)
+        notes = page.locator(".info-text, .ref").evaluate_all(CONTRAST)
+        assert notes, "no help lines on view"
+        assert [n for n in notes if n[1] < 1 or n[2] < 4.5] == [], f"help lines too pale at {width} px"
+        for field, labels in (choices or {}).items():
+            assert page.evaluate(LABEL_FITS, [field, labels]) == [], f"cut in #{field} at {width} px"
+        for w, h, iw, ih, ratio in page.locator("#compare-grid tbody td").evaluate_all(CELLS):
+            assert abs(w - h) <= 1 and abs(iw / ih - ratio) < 0.01, f"compare cell {w}x{h}, image {iw}x{ih}"
+    page.set_viewport_size({"width": WIDTHS[0], "height": 900})
+
+
 def progress(page) -> tuple[str, int]:
     """The run's name and step as the Train tab shows them (waits until a step is shown)."""
     status = page.locator("#job-status")
@@ -182,16 +229,23 @@ def test_the_whole_flow_as_a_person_walks_it(page, server, bundled_data, bundled
     fill(page, f"field-{own.name}", own.default + 1)
     fill(page, "field-max_steps", 100_000)
     fill(page, "field-lr", 0.01)
+    assert page.locator("#field-resolution input").input_value() == ""  # None shows empty, not 0
+    for fold in ("Schedule, accumulation and loss", "Advanced: memory, speed, devices"):
+        page.get_by_role("button", name=re.compile(re.escape(fold))).click()
+    fill(page, "field-max_grad_norm", 1)
+    fill(page, "field-max_grad_norm", "")  # emptied again: means no clipping (None)
+    check_layout(page, _choice_fields())
     page.click("#start")
     run, first = progress(page)
     assert page.evaluate("window.scrollY") == 0  # the progress is in view
     page.locator("#samples").get_by_text("step 000000").wait_for(timeout=60_000)  # the base, rendered by training
     assert (out / run / "samples" / "step-000000.png").is_file()
     _, later = wait_for_step_above(page, first)
+    config = json.loads((out / run / "config.json").read_text())["train"]
+    assert config["max_grad_norm"] is None and config["max_steps"] == 100_000  # the emptied box sent None
     page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for()
     shots(page, tmp_path, "2-train")
-    for fold in ("Captions and images", "Schedule, accumulation and loss", "Sample images",
-                 "Advanced: memory, speed, devices"):
+    for fold in ("Captions and images", "Sample images"):  # the other two are open already
         page.get_by_role("button", name=re.compile(re.escape(fold))).click()
     page.locator("#field-gradient_checkpointing").wait_for(state="visible")
     shots(page, tmp_path, "2-train-all-settings")
@@ -208,6 +262,10 @@ def test_the_whole_flow_as_a_person_walks_it(page, server, bundled_data, bundled
     assert page.locator("#field-max_steps input").input_value() == "100000"
     assert "Shapes" in page.locator("#field-data input").input_value()
     page.locator("#samples").get_by_text("step 000000").wait_for()
+    assert page.locator("#field-resolution input").input_value() == ""  # a restored None shows empty too
+    captions = page.locator("#samples .thumbnail-item").all_inner_texts()
+    assert len(captions) == len(set(captions)) >= 1  # each sample once
+    assert page.locator("#samples img").first.evaluate("i => getComputedStyle(i).objectFit") == "contain"
     shots(page, tmp_path, "3-train-after-reload")
     page.click("#stop")
     page.locator("#job-status").filter(has_text="stopped").wait_for()
@@ -224,6 +282,11 @@ def test_the_whole_flow_as_a_person_walks_it(page, server, bundled_data, bundled
     assert re.search(rf"{re.escape(run)}\s+{method}\s+Shapes\s+\d+ / 100000\s+stopped", runs.inner_text())
     assert re.search(rf"{re.escape(second)}\s+\S+\s+Shapes\s+3 / 3\s+finished", runs.inner_text())
     shots(page, tmp_path, "4-runs")
+    page.reload()  # Results after a reload: each run listed once, its state as before
+    wait_until_loaded(page)
+    open_tab(page, "3. Results")
+    runs.get_by_text(second).wait_for()
+    assert runs.inner_text().count(second) == 1 and runs.inner_text().count(run) == 1
 
     # 3. Results: compare the two runs on two prompts and two seeds.
     open_tab(page, "Compare")
@@ -242,6 +305,7 @@ def test_the_whole_flow_as_a_person_walks_it(page, server, bundled_data, bundled
         for c, img in enumerate(row.locator("img").all()):
             assert img.get_attribute("title") == f"{columns[c].splitlines()[0]}: {rows[r]}"
             assert img.evaluate("i => i.complete && i.naturalWidth > 0")  # served and decoded
+    check_layout(page)
     shots(page, tmp_path, "5-compare")
 
     # Evaluate with the bundled demo CLIP.
@@ -312,6 +376,12 @@ def _method_label(method: str) -> str:
     app = load_app()
     setting = next(s for s in app.form_settings() if s.name == app.METHOD)
     return dict(zip(setting.allowed, app._choice_labels(setting), strict=True))[method]
+
+
+def _choice_fields() -> dict[str, list[str]]:
+    """elem_id: labels, of every dropdown of the form whose choices carry a help line."""
+    app = load_app()
+    return {f"field-{s.name}": app._choice_labels(s) for s in app.form_settings() if s.choice_help}
 
 
 def _dataset_folder(out: Path, name: str) -> Path:
