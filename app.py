@@ -213,6 +213,11 @@ def _emptied(*values: object) -> list:
     return [None if _means_empty(s, v) else v for s, v in zip(_optional_numbers(), values, strict=True)]
 
 
+def _zero_is_empty(*values: float | None) -> list[float | None]:
+    """Step and image-count boxes outside the form, where 0 never means anything: a 0 gradio drew is emptied."""
+    return [None if v == 0 else v for v in values]
+
+
 def _config_from_form(values: dict) -> TrainConfig:
     """Turn the form's values into a TrainConfig; an empty box of an optional setting (None), or a 0 where 0 is
     not allowed, means its default."""
@@ -944,8 +949,8 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                         with gr.Row(equal_height=True, elem_classes="settings"):
                             run_pick = gr.Dropdown(label="Run", allow_custom_value=True, scale=2, elem_id="run-pick")
                             more_steps = gr.Number(None, label="Train up to (steps)", precision=0,
-                                                   elem_id="more-steps",
-                                                   info="For Continue: steps in all; 0 or empty: the run's own.")
+                                                   elem_id="more-steps", placeholder="empty",
+                                                   info="For Continue: steps in all; empty: the run's own.")
                         run_about = gr.Markdown(elem_id="run-about")
                         with gr.Row(elem_classes="actions"):
                             continue_run = gr.Button("Continue training", elem_id="continue-run")
@@ -960,7 +965,7 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                             compare_runs = gr.Dropdown(label="Runs", multiselect=True, allow_custom_value=True,
                                                        scale=3, elem_id="compare-runs")
                             compare_steps = gr.Number(None, label="Denoising steps", precision=0,
-                                                      elem_id="compare-steps",
+                                                      elem_id="compare-steps", placeholder="empty",
                                                       info="Empty: the first run's sample steps.")
                         with gr.Row(elem_classes="settings"):
                             compare_prompts = gr.Textbox(label="Prompts", lines=2, elem_id="compare-prompts", scale=3,
@@ -985,8 +990,10 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
                                                          info="Only when the reference CLIP is not found by itself.")
                         with gr.Row(elem_classes="settings"):
                             eval_steps = gr.Number(None, label="Denoising steps", precision=0, elem_id="eval-steps",
+                                                   placeholder="empty",
                                                    info="Empty: the run's sample steps.")
                             eval_limit = gr.Number(None, label="Images", precision=0, elem_id="eval-limit",
+                                                   placeholder="empty",
                                                    info="One per training caption; empty: all captions.")
                             base_too = gr.Checkbox(True, label="Score the base model too", elem_id="base-too",
                                                    info="Gives the difference column; doubles the images made.")
@@ -1073,6 +1080,8 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
             api_name="restore_form").then(
             app.show_dataset, view_dataset, dataset_outputs, api_name="show_dataset_on_load").then(
             _emptied, empty_boxes, empty_boxes, api_name="empty_boxes_on_load", show_progress="hidden")
+        step_boxes = [more_steps, compare_steps, eval_steps, eval_limit]  # 0 is never meant in these: empty
+        demo.load(_zero_is_empty, step_boxes, step_boxes, api_name="empty_step_boxes_on_load", show_progress="hidden")
         demo.load(app.presets, outputs=[preset, preset_about], api_name="presets")
         demo.load(app.poll, samples_shown, status_outputs, api_name="status_on_load")
         demo.load(app.clip_status, outputs=[clip_note, clip], api_name="clip_status_on_load")
