@@ -210,11 +210,13 @@ def dead_units(model: DigitMLP, x: torch.Tensor) -> int:
 
 
 def digits_run(data: Digits, method: str, lr: float, steps: int = 600, mpo_cores: int = 5,
-               mpo_lr: float | None = None, z_scale: str = "1", every=None) -> dict:
-    """Adapt the frozen base to rotated digits with Adam; return the final loss and dead ReLUs."""
+               mpo_lr: float | None = None, z_scale: str = "1", every=None, **options) -> dict:
+    """Adapt the frozen base to rotated digits with Adam; return the final loss and dead ReLUs.
+
+    `options`: more method settings (e.g. `mpo_gauge`)."""
     torch.manual_seed(0)
     model = data.base()
-    opdiff.inject(model, adapter_config(method, 4, ("fc1", "fc2"), steps, mpo_cores=mpo_cores))
+    opdiff.inject(model, adapter_config(method, 4, ("fc1", "fc2"), steps, mpo_cores=mpo_cores, **options))
     scale_op_z(model, z_scale)
     x, y = data.rotated
     batches = data.batches(steps)
@@ -275,12 +277,15 @@ def warmup_linear_decay(steps: int, warmup: int) -> Callable[[int], float]:
 
 
 def mf_run(problem: dict, method: str, optimizer: str, lr: float, steps: int = 1000, warmup: int = 50,
-           z_scale: str = "1", mpo_lr: float | None = None) -> dict:
-    """Factor M with one method and optimizer; return the final error over the SVD optimum and the effective rank."""
+           z_scale: str = "1", mpo_lr: float | None = None, **options) -> dict:
+    """Factor M with one method and optimizer; return the final error over the SVD optimum and the effective rank.
+
+    `options`: more method settings (e.g. `mpo_cores`, `mpo_gauge`)."""
     torch.manual_seed(0)
     n = problem["M"].shape[0]
     model = Factorization(n, problem["W0"])
-    opdiff.inject(model, adapter_config(method, problem["rank"], ("w",), steps, op_width=32, op_embed_dim=128))
+    opdiff.inject(model, adapter_config(method, problem["rank"], ("w",), steps, op_width=32, op_embed_dim=128,
+                                        **options))
     scale_op_z(model, z_scale)
     eye, target = torch.eye(n), problem["M"].T  # model(eye) = W^T
     opt = make_optimizer(model, optimizer, lr, mpo_lr)

@@ -147,6 +147,23 @@ def test_cores_learn_at_lr_over_m_to_the_power_unless_set(method, cores):
         assert mpo["lr"] == pytest.approx(expected, rel=1e-12), (power, mpo["lr"])
 
 
+@pytest.mark.parametrize("method", ["lora-over-svd", "lora-over-mpo"])
+def test_mpo_gauge_reaches_every_matrix(method):
+    """mpo_gauge="left" (Alg. 1): every core of A and B but the last is a left isometry over its
+    (d_{k-1} i_k j_k, d_k) reshape; the default (symmetric) gauge's first core of A is not."""
+    for gauge in ("left", None):
+        _, adapted = make(method, **({} if gauge is None else {"mpo_gauge": gauge}))
+        for a in opdiff.adapted_layers(adapted):
+            for lin in (a.lora_A, a.lora_B):
+                cores = [c.detach().double() for c in lin.parametrizations.weight[0].cores]
+                grams = [c.reshape(-1, c.shape[-1]).T @ c.reshape(-1, c.shape[-1]) for c in cores[:-1]]
+                isometric = [torch.allclose(g, torch.eye(len(g), dtype=g.dtype), atol=1e-5) for g in grams]
+                if gauge == "left":
+                    assert all(isometric), (a.name, isometric)
+                elif lin is a.lora_A:
+                    assert not isometric[0], a.name
+
+
 def test_op_lora_generates_once_per_step_in_one_batch_per_shape():
     _, adapted = make("op-lora")
     generators = list(adapted.opdiff.values())

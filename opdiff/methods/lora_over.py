@@ -60,13 +60,15 @@ class MPOWeight(nn.Module):
         return mpo.contract(list(self.cores))
 
 
-def to_mpo(linear: nn.Linear, n_cores: int, banks: nn.ModuleDict | None = None) -> MPOWeight:
+def to_mpo(linear: nn.Linear, n_cores: int, banks: nn.ModuleDict | None = None,
+           gauge: str = "symmetric") -> MPOWeight:
     """Turn `linear.weight` into MPO cores without changing its value, in place; return the parametrization.
 
     A matrix that is exactly zero (LoRA's B at init) is not decomposed: an MPO of zero has zero cores whose
     gradients all vanish, so it would never train. Instead a random matrix is decomposed and its last core zeroed:
     the product is still exactly zero, but the zeroed core gets a gradient at once and the others after one step.
     With `banks` (the model's `opdiff` dict) the matrix joins the bank of its core layout for batched contraction.
+    `gauge` places the matrix's scale on the chain (`opdiff.mpo.decompose`).
     """
     w = linear.weight.detach()  # (I, J)
     i_factors = mpo.factorize(w.shape[0], n_cores)
@@ -76,9 +78,9 @@ def to_mpo(linear: nn.Linear, n_cores: int, banks: nn.ModuleDict | None = None) 
         cores = [torch.empty(d[k], i, j, d[k + 1], device="meta")
                  for k, (i, j) in enumerate(zip(i_factors, j_factors, strict=True))]
     elif torch.count_nonzero(w) == 0:
-        cores = mpo.zero_product_cores(i_factors, j_factors)
+        cores = mpo.zero_product_cores(i_factors, j_factors, gauge=gauge)
     else:
-        cores = mpo.decompose(w, i_factors, j_factors)
+        cores = mpo.decompose(w, i_factors, j_factors, gauge)
     bank = None
     if banks is not None:
         key = "mpo_" + "_".join(f"{i}x{j}" for i, j in zip(i_factors, j_factors, strict=True))
@@ -106,6 +108,15 @@ MPO_LR_POWER = Setting(
     "several cores stable under Adam at learning rates where LoRA trains.",
     ref="lora-over.txt Tables 4 and 6 (MPO_LR = LR); bench/RESULTS.md, core learning-rate sweep",
     label="core lr power", minimum=0, absent=0.0)  # runs from before this setting trained cores at the main lr
+
+
+MPO_GAUGE = Setting(
+    "mpo_gauge", str, "symmetric", "Where each adapter matrix's size sits on its chain of cores when training "
+    "starts. It changes how fast each core learns, not the matrix.", choices=mpo.GAUGES,
+    choice_help=("every core carries the square root of the singular values on each side of it (balanced)",
+                 "the paper's Algorithm 1: every core but the last is orthonormal, the last carries the whole size"),
+    ref="lora-over.txt Alg. 1, App. B (left); bench/RESULTS.md, gauge comparison", label="MPO gauge",
+    absent="symmetric")  # runs from before this setting used the symmetric gauge
 
 
 def core_lr(lr: float, n_cores: int, power: float = 1.5) -> float:
@@ -152,8 +163,8 @@ class LoRAOver(Method):
 
     def attach(self, model: nn.Module, layers: list[AdaptedLayer], config: AdapterConfig) -> None:
         for a in layers:
-            to_mpo(a.lora_A, self.n_cores(config), model.opdiff)
-            to_mpo(a.lora_B, self.n_cores(config), model.opdiff)
+            to_mpo(a.lora_A, self.n_cores(config), model.opdiff, config.mpo_gauge)
+            to_mpo(a.lora_B, self.n_cores(config), model.opdiff, config.mpo_gauge)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """An "adapter" group at `lr` (if anything is not a core) and an "mpo" group of the cores at `mpo_lr`."""
@@ -172,14 +183,14 @@ class LoRAOver(Method):
 
 register(LoRAOver(
     "lora-over-svd", "LoRA-Over-SVD: every A and B trained as 2 SVD cores; ships as plain LoRA.",
-    n_cores=lambda config: 2, settings=(MPO_LR, MPO_LR_POWER),
+    n_cores=lambda config: 2, settings=(MPO_LR, MPO_LR_POWER, MPO_GAUGE),
     about="LoRA-Over with SVD: every adapter matrix is trained as two factors and multiplied back at export. "
           "A light over-parameterization (1.7x LoRA's trainable parameters on SDXL); ships as a plain LoRA.",
     ref="lora-over.txt Sec. 4.2",
 ))
 register(LoRAOver(
     "lora-over-mpo", "LoRA-Over-MPO: every A and B trained as an m-core MPO; ships as plain LoRA.",
-    n_cores=lambda config: config.mpo_cores, settings=(MPO_CORES, MPO_LR, MPO_LR_POWER),
+    n_cores=lambda config: config.mpo_cores, settings=(MPO_CORES, MPO_LR, MPO_LR_POWER, MPO_GAUGE),
     about="LoRA-Over with MPO: every adapter matrix is trained as a chain of small tensors and multiplied back at "
           "export. About 4x LoRA's trainable parameters, 1.2x its time per step and 0.4 GB more memory on SDXL; "
           "ships as a plain LoRA.",
