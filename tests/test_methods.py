@@ -140,11 +140,14 @@ def test_targets_and_groups():
 
 @pytest.mark.parametrize(("method", "cores"), [("lora-over-svd", 2), ("lora-over-mpo", 3), ("lora-over-mpor", 3)])
 def test_cores_learn_at_lr_over_m_to_the_power_unless_set(method, cores):
-    """No mpo_lr: the cores' rate is lr / m^mpo_lr_power (default 1.5); power 0 is the paper's rate (MPO_LR = LR)."""
-    for power, expected in ((None, 1e-3 / cores**1.5), (0.0, 1e-3), (1.0, 1e-3 / cores)):
-        _, adapted = make(method, **({} if power is None else {"mpo_lr_power": power}))
-        (mpo,) = [g for g in opdiff.param_groups(adapted, lr=1e-3) if g["name"] == "mpo"]
-        assert mpo["lr"] == pytest.approx(expected, rel=1e-12), (power, mpo["lr"])
+    """No mpo_lr: the cores' rate is min(lr / m^mpo_lr_power, mpo_lr_cap / m^2), by default min(lr, 1e-2 / m^2);
+    power 0 without a limit is the paper's rate (MPO_LR = LR)."""
+    for settings, lr, expected in (({}, 1e-3, 1e-3), ({}, 3e-2, 1e-2 / cores**2),
+                                   ({"mpo_lr_cap": 0.0}, 3e-2, 3e-2), ({"mpo_lr_power": 1.0}, 1e-3, 1e-3 / cores),
+                                   ({"mpo_lr_power": 1.5, "mpo_lr_cap": 0.0}, 1e-2, 1e-2 / cores**1.5)):
+        _, adapted = make(method, **settings)
+        (mpo,) = [g for g in opdiff.param_groups(adapted, lr=lr) if g["name"] == "mpo"]
+        assert mpo["lr"] == pytest.approx(expected, rel=1e-12), (settings, lr, mpo["lr"])
 
 
 @pytest.mark.parametrize("method", ["lora-over-svd", "lora-over-mpo"])
