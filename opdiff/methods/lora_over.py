@@ -113,8 +113,6 @@ MPO_LR_CAP = Setting(
     "below it the cores learn at the paper's rate. 0 turns the limit off.",
     ref="bench/RESULTS.md, core learning-rate sweep (a departure from lora-over.txt, which has no limit)",
     label="core lr limit", minimum=0, absent=0.0)  # runs from before this setting had no limit
-
-
 MPO_GAUGE = Setting(
     "mpo_gauge", str, "symmetric", "Where each adapter matrix's size sits on its chain of cores when training "
     "starts. It changes how fast each core learns, not the matrix.", choices=mpo.GAUGES,
