@@ -13,10 +13,10 @@
   loss, frozen, then adapted at rank 4 (both layers) to the same kind of digits randomly rotated, with Adam at
   learning rates over four orders of magnitude. Reported: the loss on the whole rotated training set after
   training, and how many of the 512 hidden ReLUs are dead (zero for every training image).
-- `mpo`: why lora-over-mpo collapses on `digits` at Adam lr 1e-3 and what keeps it stable: the size of the first
-  updates of A, B and B A per core count, the dead ReLUs over time, and a sweep of the core learning rate
-  `opdiff.methods.lora_over.core_lr` (rule "paper": the main lr; "inverse": lr / m; "sqrt": lr / sqrt(m / 2))
-  over m and lr.
+- `mpo`: why lora-over-mpo collapses on `digits` at Adam lr 1e-2 and what keeps it stable: the size of the first
+  updates of A, B and B A per core count, and sweeps over m and lr of the cores' learning rate
+  `opdiff.methods.lora_over.core_lr` (min(lr / m^power, cap / m^2); power 0 without a cap is the paper) and of
+  the gauge (`mpo_gauge`: symmetric, or Alg. 1's left), on `digits` and on `mf` with Adam.
 - `z`: OP-LoRA's initial z scale on both studies: N(0, 1) (the default), N(0, 1/e) (||z|| about 1), and the scale
   at which the generated A starts with PEFT's kaiming-uniform A's standard deviation.
 
@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import opdiff  # noqa: E402
-from opdiff.methods.lora_over import core_lr  # noqa: E402
+from opdiff.methods.lora_over import MPO_LR_CAP, core_lr  # noqa: E402
 
 METHODS = list(opdiff.METHODS)
 
@@ -63,7 +63,8 @@ def method_hooks(model: nn.Module, when: str, step: int = 0, optimizer=None, eva
 
 def adapter_config(method: str, rank: int, targets: tuple[str, ...], steps: int, **kw) -> opdiff.AdapterConfig:
     """The method's config, its selection schedule scaled to a `steps`-step run (one layer per group: N = 1)."""
-    kw.setdefault("mpo_lr_power", 0.0)  # the paper's core rate unless a study sets the cores' lr itself
+    kw.setdefault("mpo_lr_power", 0.0)  # the paper's core rate (no power, no limit) unless a study sets it
+    kw.setdefault("mpo_lr_cap", 0.0)
     return opdiff.AdapterConfig(method=method, rank=rank, alpha=float(rank), target_modules=targets,
                                 select_top_n=1, select_split=1, select_every=max(1, steps // 8),
                                 select_warmup_steps=max(1, steps // 4), select_batches=1, **kw)
@@ -210,14 +211,17 @@ def dead_units(model: DigitMLP, x: torch.Tensor) -> int:
 
 
 def digits_run(data: Digits, method: str, lr: float, steps: int = 600, mpo_cores: int = 5,
-               mpo_lr: float | None = None, z_scale: str = "1", every=None) -> dict:
-    """Adapt the frozen base to rotated digits with Adam; return the final loss and dead ReLUs."""
-    torch.manual_seed(0)
+               mpo_lr: float | None = None, z_scale: str = "1", every=None, seed: int = 0, **options) -> dict:
+    """Adapt the frozen base to rotated digits with Adam; return the final loss and dead ReLUs.
+
+    `seed` draws the adapter's initialization and the batch order; `options`: more method settings (e.g.
+    `mpo_gauge`)."""
+    torch.manual_seed(seed)
     model = data.base()
-    opdiff.inject(model, adapter_config(method, 4, ("fc1", "fc2"), steps, mpo_cores=mpo_cores))
+    opdiff.inject(model, adapter_config(method, 4, ("fc1", "fc2"), steps, mpo_cores=mpo_cores, **options))
     scale_op_z(model, z_scale)
     x, y = data.rotated
-    batches = data.batches(steps)
+    batches = data.batches(steps, seed=seed)
     opt = make_optimizer(model, "adam", lr, mpo_lr)
 
     def eval_loss() -> float:
@@ -275,12 +279,15 @@ def warmup_linear_decay(steps: int, warmup: int) -> Callable[[int], float]:
 
 
 def mf_run(problem: dict, method: str, optimizer: str, lr: float, steps: int = 1000, warmup: int = 50,
-           z_scale: str = "1", mpo_lr: float | None = None) -> dict:
-    """Factor M with one method and optimizer; return the final error over the SVD optimum and the effective rank."""
+           z_scale: str = "1", mpo_lr: float | None = None, **options) -> dict:
+    """Factor M with one method and optimizer; return the final error over the SVD optimum and the effective rank.
+
+    `options`: more method settings (e.g. `mpo_cores`, `mpo_gauge`)."""
     torch.manual_seed(0)
     n = problem["M"].shape[0]
     model = Factorization(n, problem["W0"])
-    opdiff.inject(model, adapter_config(method, problem["rank"], ("w",), steps, op_width=32, op_embed_dim=128))
+    opdiff.inject(model, adapter_config(method, problem["rank"], ("w",), steps, op_width=32, op_embed_dim=128,
+                                        **options))
     scale_op_z(model, z_scale)
     eye, target = torch.eye(n), problem["M"].T  # model(eye) = W^T
     opt = make_optimizer(model, optimizer, lr, mpo_lr)
@@ -311,6 +318,7 @@ DIGIT_LRS = (1e-5, 1e-4, 1e-3, 1e-2)
 SWEEP_LRS = (1e-5, 1e-4, 1e-3, 1e-2, 3e-2)
 SWEEP_POWERS = (0.0, 1.0, 1.5, 2.0)
 SWEEP_CORES = (2, 3, 5, 8)
+SWEEP_CAPS = (5e-3, 1e-2, 2e-2)
 
 
 def row(label: str, cells: list[str], width: int = 16) -> str:
@@ -368,6 +376,14 @@ def first_steps(data: Digits, method: str, m: int, lr: float, steps: int, mpo_lr
             f"{seen['growth']:.1f}x", f"{r['loss']:.3f} ({r['dead']})"]
 
 
+def sweep_row(data: Digits, m: int, steps: int, power: float, cap: float, gauge: str) -> list[str]:
+    """Digits loss (dead ReLUs) per SWEEP_LRS with the cores at core_lr(lr, m, power, cap) in `gauge`."""
+    method = "lora-over-svd" if m == 2 else "lora-over-mpo"
+    runs = [digits_run(data, method, lr, steps=steps, mpo_cores=m, mpo_lr=core_lr(lr, m, power, cap),
+                       mpo_gauge=gauge) for lr in SWEEP_LRS]
+    return [f"{r['loss']:.3f} ({r['dead']})" for r in runs]
+
+
 def study_mpo(data: Digits, steps: int, quick: bool) -> None:
     print("\n## mpo: fc1 under Adam at lr 1e-2 (cores at the main lr, the paper): relative change of A at step 2,"
           " |B A| (dead ReLUs) at steps 10 and 40, growth of A's factors from step 1 to 40 (product of their"
@@ -377,30 +393,50 @@ def study_mpo(data: Digits, steps: int, quick: bool) -> None:
                       ("lora-over-mpo", 8)]:
         label = method if method != "lora-over-mpo" else f"{method} m={m}"
         print(row(label, first_steps(data, method, m, 1e-2, steps), 20), flush=True)
-    print("\nthe same with cores at lr / m^1.5 (core_lr's default)")
+    print(f"\nthe same with cores at core_lr's default, min(lr, {MPO_LR_CAP.default:g} / m^2)")
     for method, m in [("lora-over-svd", 2), ("lora-over-mpo", 3), ("lora-over-mpo", 5), ("lora-over-mpo", 8)]:
         label = method if method != "lora-over-mpo" else f"{method} m={m}"
         print(row(label, first_steps(data, method, m, 1e-2, steps, core_lr(1e-2, m)), 20), flush=True)
 
-    powers = SWEEP_POWERS[::2] if quick else SWEEP_POWERS
-    print(f"\n## mpo sweep: digits loss (dead ReLUs) after {steps} Adam steps, cores at core_lr(lr, m, power);"
-          " power 0 = the paper")
-    print(row("power  m", [f"lr {lr:g}" for lr in SWEEP_LRS]))
+    cores = SWEEP_CORES[::2] if quick else SWEEP_CORES
+    print(f"\n## mpo sweep: digits loss (dead ReLUs) after {steps} Adam steps, cores at"
+          " core_lr(lr, m, power, cap) = min(lr / m^power, cap / m^2) (cap 0: no limit; power 0, cap 0 = the paper)")
+    print(row("gauge  power cap  m", [f"lr {lr:g}" for lr in SWEEP_LRS], 22))
     print(row("lora", [f"{r['loss']:.3f} ({r['dead']})" for r in (digits_run(data, "lora", lr, steps=steps)
-                                                                  for lr in SWEEP_LRS)]), flush=True)
-    for power in powers:
-        for m in SWEEP_CORES:
+                                                                  for lr in SWEEP_LRS)], 22), flush=True)
+    settings = [("symmetric", p, 0.0) for p in (SWEEP_POWERS[::2] if quick else SWEEP_POWERS)]
+    settings += [("symmetric", 0.0, cap) for cap in SWEEP_CAPS]
+    settings += [("left", 0.0, 0.0), ("left", 1.5, 0.0), ("left", 0.0, 1e-2)]
+    for gauge, power, cap in settings:
+        for m in cores:
+            print(row(f"{gauge:<9} {power:<5g} {cap:<5g} {m}", sweep_row(data, m, steps, power, cap, gauge), 22),
+                  flush=True)
+
+    seeds = range(1, 3 if quick else 6)
+    print(f"\n## mpo seeds: digits loss (dead ReLUs) at lr {SWEEP_LRS[-1]:g} (capped: the cores at cap / m^2) with"
+          " other seeds of the adapters' initialization and the batch order")
+    print(row("cap  m", [f"seed {s}" for s in seeds], 22))
+    print(row("lora", [f"{r['loss']:.3f} ({r['dead']})" for r in (digits_run(data, "lora", SWEEP_LRS[-1], steps=steps,
+                                                                             seed=s) for s in seeds)], 22))
+    for cap in SWEEP_CAPS[1:]:
+        for m in cores:
             method = "lora-over-svd" if m == 2 else "lora-over-mpo"
-            runs = [digits_run(data, method, lr, steps=steps, mpo_cores=m, mpo_lr=core_lr(lr, m, power))
-                    for lr in SWEEP_LRS]
-            print(row(f"{power:<5g}  {m}", [f"{r['loss']:.3f} ({r['dead']})" for r in runs]), flush=True)
+            runs = [digits_run(data, method, SWEEP_LRS[-1], steps=steps, mpo_cores=m, seed=s,
+                               mpo_lr=core_lr(SWEEP_LRS[-1], m, 0.0, cap)) for s in seeds]
+            print(row(f"{cap:<5g}{m}", [f"{r['loss']:.3f} ({r['dead']})" for r in runs], 22), flush=True)
 
     problem = mf_problem()
-    print("\n## mpo sweep on mf with Adam: final error over the SVD optimum, lora-over-mpo m=5")
-    print(row("power", [f"lr {lr:g}" for lr in MF_LRS["adam"]]))
-    for power in powers:
-        runs = [mf_run(problem, "lora-over-mpo", "adam", lr, mpo_lr=core_lr(lr, 5, power)) for lr in MF_LRS["adam"]]
-        print(row(f"{power:g}", [f"{r['ratio']:.3f}" for r in runs]), flush=True)
+    print("\n## mpo sweep on mf with Adam: final error over the SVD optimum (effective rank of the update)")
+    print(row("power cap  m", [f"lr {lr:g}" for lr in MF_LRS["adam"]]))
+    print(row("lora", [f"{r['ratio']:.3f} ({r['erank']:.2f})" for r in (mf_run(problem, "lora", "adam", lr)
+                                                                        for lr in MF_LRS["adam"])]), flush=True)
+    for power, cap in [(0.0, 0.0), (1.5, 0.0), *((0.0, cap) for cap in SWEEP_CAPS)]:
+        for m in cores:
+            method = "lora-over-svd" if m == 2 else "lora-over-mpo"
+            runs = [mf_run(problem, method, "adam", lr, mpo_cores=m, mpo_lr=core_lr(lr, m, power, cap))
+                    for lr in MF_LRS["adam"]]
+            print(row(f"{power:<5g} {cap:<5g} {m}", [f"{r['ratio']:.3f} ({r['erank']:.2f})" for r in runs]),
+                  flush=True)
 
 
 def study_z(data: Digits, steps_mf: int, steps_digits: int) -> None:

@@ -67,7 +67,11 @@ def n_add(i_factors: Sequence[int], j_factors: Sequence[int]) -> int:
     return cores - math.prod(i_f) * math.prod(j_f)
 
 
-def decompose(w: Tensor, i_factors: Sequence[int], j_factors: Sequence[int]) -> list[Tensor]:
+GAUGES = ("symmetric", "left")
+"""Where `decompose` puts W's scale on the chain; see its docstring."""
+
+
+def decompose(w: Tensor, i_factors: Sequence[int], j_factors: Sequence[int], gauge: str = "symmetric") -> list[Tensor]:
     """Return the MPO cores of `w` (I x J), core k shaped (d_{k-1}, i_k, j_k, d_k), in w's dtype and device.
 
     Alg. 1: reshape W so that each core's pair (i_k, j_k) is adjacent, then peel one core off per step with an
@@ -75,7 +79,9 @@ def decompose(w: Tensor, i_factors: Sequence[int], j_factors: Sequence[int]) -> 
     SVDs run in float64.
 
     Normalization (Alg. 1, last step). Any invertible matrix on a bond can move between its two cores without
-    changing the product; we pick the symmetric gauge: at every bond k the product of the cores left of it is
+    changing the product; `gauge` picks where it goes. "left" is Alg. 1 as written: cores 1..m-1 are the left
+    isometries U_k reshaped and the last core is the remaining lambda_{m-1} V^T. "symmetric" (the default): at
+    every bond k the product of the cores left of it is
     X_k = U_k sqrt(lambda_k) and the product of those right of it is Y_k = sqrt(lambda_k) V_k^T, where
     U_k lambda_k V_k^T is the SVD of W's k-th unfolding, so X_k^T X_k = Y_k Y_k^T = diag(lambda_k). Alg. 1 as
     written leaves lambda V^T in the next core, which makes every core but the last an isometry and piles all of
@@ -86,10 +92,13 @@ def decompose(w: Tensor, i_factors: Sequence[int], j_factors: Sequence[int]) -> 
 
     A bond channel with a (numerically) zero singular value carries nothing; it keeps its isometric column on the
     left and gets zeros on the right, so the product stays exact and the right side still receives gradient.
-    For an all-zero `w` this means: the first core is an isometry, every other core is zero and the contraction
-    is exactly zero. With m = 2 the second core still gets gradient; with m >= 3 no core does (every term of a
-    core's gradient has another zero core in it). Use `zero_product_cores` to start an MPO at zero.
+    For an all-zero `w` this means, in the symmetric gauge: the first core is an isometry, every other core is
+    zero and the contraction is exactly zero; with m = 2 the second core still gets gradient, with m >= 3 no core
+    does (every term of a core's gradient has another zero core in it). In the left gauge every core but the last
+    is an isometry and the last is zero. Use `zero_product_cores` to start an MPO at zero.
     """
+    if gauge not in GAUGES:
+        raise ValueError(f"unknown MPO gauge {gauge!r}; choose one of: {', '.join(GAUGES)}")
     i_f, j_f = _check_factors(i_factors, j_factors)
     m = len(i_f)
     dims = bond_dims(i_f, j_f)
@@ -112,6 +121,11 @@ def decompose(w: Tensor, i_factors: Sequence[int], j_factors: Sequence[int]) -> 
         spectra.append(s)
         lives.append(s > tol)
         mat = s[:, None] * vh  # Alg. 1 line 8: M := lambda V^T, (d_k, rest)
+
+    if gauge == "left":  # Alg. 1: T(k) = U_k reshaped (k < m), T(m) = lambda_{m-1} V^T
+        cores = [u.reshape(dims[k], i_f[k], j_f[k], dims[k + 1]) for k, u in enumerate(isometries)]
+        cores.append(mat.reshape(dims[m - 1], i_f[m - 1], j_f[m - 1], 1))
+        return [c.to(w.dtype) for c in cores]
 
     # Symmetric gauge: core_k = pinv(sqrt(lambda_{k-1})) U_k sqrt(lambda_k). The prefix product telescopes to
     # U_1 ... U_k sqrt(lambda_k), the last core is pinv(sqrt(lambda_{m-1})) lambda_{m-1} V^T = sqrt(lambda) V^T.
@@ -204,18 +218,20 @@ def zero_product_cores(
     generator: torch.Generator | None = None,
     *,
     dtype: torch.dtype = torch.float32,
+    gauge: str = "symmetric",
 ) -> list[Tensor]:
     """Return MPO cores whose product is exactly zero but whose last core still receives gradient.
 
     A zero matrix has no useful MPO (see `decompose`), yet LoRA's B starts at zero. So a Gaussian matrix with
     entries N(0, 1/J) (the scale of a fan-in initialized weight) is decomposed and its LAST core set to zero:
     the contraction is exactly 0, and the gradient of the last core is the product of the non-zero cores to its
-    left times the upstream gradient, so training moves it away from zero at the first step.
+    left times the upstream gradient, so training moves it away from zero at the first step. `gauge` as in
+    `decompose` (in the left gauge the non-zero cores are isometries).
     """
     i_f, j_f = _check_factors(i_factors, j_factors)
     rows, cols = math.prod(i_f), math.prod(j_f)
     w = torch.randn(rows, cols, generator=generator, dtype=torch.float64) / math.sqrt(cols)  # (I, J)
-    cores = decompose(w, i_f, j_f)
+    cores = decompose(w, i_f, j_f, gauge)
     cores[-1] = torch.zeros_like(cores[-1])
     return [c.to(dtype) for c in cores]
 

@@ -33,7 +33,7 @@ LogWith = Literal["auto", "tensorboard", "none"]
 # precision) is refused by name: the result would be neither the run that was started nor a new one.
 OPTIMIZATION_SETTINGS = frozenset({
     "lr", "weight_decay", "max_steps", "epochs", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power",
-    "max_grad_norm", "mpo_lr", "mpo_lr_power",
+    "max_grad_norm", "mpo_lr", "mpo_lr_power", "mpo_lr_cap",
 })
 """Settings that change only the optimization path of the steps to come: a resumed run may change them, and the
 change is logged and recorded in its config.json (`resumed`). A new optimizer or schedule setting belongs here."""

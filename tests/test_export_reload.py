@@ -142,7 +142,7 @@ def trained(request, tmp_path_factory, bundled_model, bundled_data, inputs, quic
     than the reload tolerance; and what the trained model computes, held as training held it (uncollapsed)."""
     method, rank, alpha = request.param
     root = tmp_path_factory.mktemp(f"{method}-r{rank}")
-    core_rate = {"mpo_lr_power": 0.0} if method.startswith("lora-over") else {}  # the cores at lr: a visible move
+    core_rate = {"mpo_lr_power": 0.0, "mpo_lr_cap": 0.0} if method.startswith("lora-over") else {}  # cores at lr: a visible move
     cfg = TrainConfig(data=_data(bundled_data, root / "data", 2), output_dir=root / "run", rank=rank, alpha=alpha,
                       max_steps=3, lr=1e-2, **quick_settings(method), **core_rate)
     run_dir = train(cfg)

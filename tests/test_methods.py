@@ -140,11 +140,31 @@ def test_targets_and_groups():
 
 @pytest.mark.parametrize(("method", "cores"), [("lora-over-svd", 2), ("lora-over-mpo", 3), ("lora-over-mpor", 3)])
 def test_cores_learn_at_lr_over_m_to_the_power_unless_set(method, cores):
-    """No mpo_lr: the cores' rate is lr / m^mpo_lr_power (default 1.5); power 0 is the paper's rate (MPO_LR = LR)."""
-    for power, expected in ((None, 1e-3 / cores**1.5), (0.0, 1e-3), (1.0, 1e-3 / cores)):
-        _, adapted = make(method, **({} if power is None else {"mpo_lr_power": power}))
-        (mpo,) = [g for g in opdiff.param_groups(adapted, lr=1e-3) if g["name"] == "mpo"]
-        assert mpo["lr"] == pytest.approx(expected, rel=1e-12), (power, mpo["lr"])
+    """No mpo_lr: the cores' rate is min(lr / m^mpo_lr_power, mpo_lr_cap / m^2), by default min(lr, 1e-2 / m^2);
+    power 0 without a limit is the paper's rate (MPO_LR = LR)."""
+    for settings, lr, expected in (({}, 1e-3, 1e-3), ({}, 3e-2, 1e-2 / cores**2),
+                                   ({"mpo_lr_cap": 0.0}, 3e-2, 3e-2), ({"mpo_lr_power": 1.0}, 1e-3, 1e-3 / cores),
+                                   ({"mpo_lr_power": 1.5, "mpo_lr_cap": 0.0}, 1e-2, 1e-2 / cores**1.5)):
+        _, adapted = make(method, **settings)
+        (mpo,) = [g for g in opdiff.param_groups(adapted, lr=lr) if g["name"] == "mpo"]
+        assert mpo["lr"] == pytest.approx(expected, rel=1e-12), (settings, lr, mpo["lr"])
+
+
+@pytest.mark.parametrize("method", ["lora-over-svd", "lora-over-mpo"])
+def test_mpo_gauge_reaches_every_matrix(method):
+    """mpo_gauge="left" (Alg. 1): every core of A and B but the last is a left isometry over its
+    (d_{k-1} i_k j_k, d_k) reshape; the default (symmetric) gauge's first core of A is not."""
+    for gauge in ("left", None):
+        _, adapted = make(method, **({} if gauge is None else {"mpo_gauge": gauge}))
+        for a in opdiff.adapted_layers(adapted):
+            for lin in (a.lora_A, a.lora_B):
+                cores = [c.detach().double() for c in lin.parametrizations.weight[0].cores]
+                grams = [c.reshape(-1, c.shape[-1]).T @ c.reshape(-1, c.shape[-1]) for c in cores[:-1]]
+                isometric = [torch.allclose(g, torch.eye(len(g), dtype=g.dtype), atol=1e-5) for g in grams]
+                if gauge == "left":
+                    assert all(isometric), (a.name, isometric)
+                elif lin is a.lora_A:
+                    assert not isometric[0], a.name
 
 
 def test_op_lora_generates_once_per_step_in_one_batch_per_shape():

@@ -322,3 +322,78 @@ def test_nearby_matrices_get_nearby_cores(m):
     b = mpo.decompose(w + 1e-7 * torch.randn(w.shape, generator=g, dtype=torch.float64), i_f, j_f)
     for x, y in zip(a, b, strict=True):
         assert (x - y).abs().max() < 1e-4
+
+
+# Bonds no larger than the generic rank of every unfolding: every channel is live, so Alg. 1's SVDs are unique
+# up to signs.
+LEFT_CASES = [(I3, J3), ((4, 2), (2, 16)), ((2, 1, 1, 16), (16, 1, 1, 2)), (mpo.factorize(4, 5), mpo.factorize(64, 5))]
+
+
+@pytest.mark.parametrize(("i_f", "j_f"), LEFT_CASES)
+def test_left_gauge_is_algorithm_1(i_f, j_f):
+    """Alg. 1 as written: cores 1..m-1 are left isometries over their (d_{k-1} i_k j_k, d_k) reshape, the last
+    core is lambda V^T of the SVD of W's (m-1)-th unfolding (each row sigma_i v_i up to its sign), and the chain
+    contracts back to W."""
+    w = _rand(math.prod(i_f), math.prod(j_f), seed=3, dtype=torch.float64)
+    cores = mpo.decompose(w, i_f, j_f, gauge="left")
+    m = len(cores)
+    for core in cores[:-1]:
+        u = core.reshape(-1, core.shape[-1])  # (d_{k-1} i_k j_k, d_k)
+        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=u.dtype), atol=1e-12, rtol=0)
+    _, s, vh = torch.linalg.svd(_unfolding(w, i_f, j_f, m - 1), full_matrices=False)
+    last = cores[-1].reshape(cores[-1].shape[0], -1)  # (d_{m-1}, i_m j_m)
+    expected = s[: last.shape[0], None] * vh[: last.shape[0]]
+    signs = torch.sign((last * expected).sum(dim=1, keepdim=True))
+    torch.testing.assert_close(last, signs * expected, atol=1e-10, rtol=0)
+    assert _rel_err(mpo.contract(cores), w) < 1e-12
+
+
+@pytest.mark.parametrize(("i_f", "j_f"), LEFT_CASES[:3])
+def test_the_two_gauges_differ_where_the_paper_says(i_f, j_f):
+    """Swapping the gauges fails here: the left gauge's first core is an isometry and the symmetric one's is
+    U sqrt(lambda) (X^T X = diag(lambda) at bond 1); both contract to W."""
+    w = _rand(math.prod(i_f), math.prod(j_f), seed=4, dtype=torch.float64)
+    sv = torch.linalg.svdvals(_unfolding(w, i_f, j_f, 1))
+    for gauge, gram in (("left", torch.ones_like(sv)), ("symmetric", sv)):
+        cores = mpo.decompose(w, i_f, j_f, gauge=gauge)
+        x = cores[0].reshape(-1, cores[0].shape[-1])  # (i_1 j_1, d_1)
+        torch.testing.assert_close(x.T @ x, torch.diag(gram[: x.shape[1]]), atol=1e-10, rtol=0)
+        assert _rel_err(mpo.contract(cores), w) < 1e-12
+    default, sym = mpo.decompose(w, i_f, j_f), mpo.decompose(w, i_f, j_f, gauge="symmetric")  # the default
+    assert all(torch.equal(a, b) for a, b in zip(default, sym, strict=True))
+
+
+@pytest.mark.parametrize(("i_f", "j_f"), [((2, 2), (16, 20)), (I3, J3), (mpo.factorize(4, 5), mpo.factorize(64, 5))])
+def test_zero_matrix_in_the_left_gauge_is_isometries_then_a_trainable_zero(i_f, j_f):
+    w = torch.zeros(math.prod(i_f), math.prod(j_f), dtype=torch.float64)
+    cores = [c.requires_grad_() for c in mpo.decompose(w, i_f, j_f, gauge="left")]
+    for core in cores[:-1]:
+        u = core.detach().reshape(-1, core.shape[-1])
+        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=u.dtype))
+    assert torch.count_nonzero(cores[-1]) == 0
+    out = mpo.contract(cores)
+    assert torch.count_nonzero(out) == 0
+    (out * _rand(*w.shape, seed=9, dtype=torch.float64)).sum().backward()
+    assert cores[-1].grad.abs().sum() > 0  # the isometries in front of it pass the gradient on
+
+
+@pytest.mark.parametrize(("i_f", "j_f"), [((64, 64), (2, 4)), (mpo.factorize(640, 5), mpo.factorize(4, 5))])
+def test_zero_product_cores_in_the_left_gauge(i_f, j_f):
+    """B at init in Alg. 1's gauge: a N(0, 1/J) matrix decomposed, its last core zeroed; the rest are isometries."""
+    cores = [c.requires_grad_() for c in mpo.zero_product_cores(i_f, j_f, torch.Generator().manual_seed(10),
+                                                                 gauge="left")]
+    for core in cores[:-1]:
+        u = core.detach().double().reshape(-1, core.shape[-1])
+        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=u.dtype), atol=1e-6, rtol=0)
+    out = mpo.contract(cores)
+    assert torch.equal(out, torch.zeros(math.prod(i_f), math.prod(j_f)))
+    (out * _rand(*out.shape, seed=11)).sum().backward()
+    assert cores[-1].grad.abs().sum() > 0
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64) / math.sqrt(out.shape[1])
+    for a, b in zip(cores[:-1], mpo.decompose(w, i_f, j_f, gauge="left")[:-1], strict=True):
+        torch.testing.assert_close(a.detach(), b.float())
+
+
+def test_decompose_rejects_an_unknown_gauge():
+    with pytest.raises(ValueError, match="unknown MPO gauge 'right'; choose one of: symmetric, left"):
+        mpo.decompose(_rand(8, 32), I3, J3, gauge="right")

@@ -367,15 +367,46 @@ def test_collapse_is_the_methods_function_and_a_plain_lora_of_eq2(method):
 
 
 def test_core_lr_power_zero_is_the_papers_main_lr_and_power_divides_by_m():
-    """lora-over.txt Tables 4 and 6 train the cores at (about) the main LR: power 0. Otherwise lr / m^power."""
+    """lora-over.txt Tables 4 and 6 train the cores at (about) the main LR: power 0, no limit. Else lr / m^power."""
     from opdiff.methods.lora_over import core_lr
 
-    assert core_lr(1e-3, 5, power=0.0) == 1e-3
-    assert core_lr(1e-3, 2, power=0.0) == 1e-3
-    assert core_lr(1e-2, 4, power=1.5) == pytest.approx(1e-2 / 8)
-    assert core_lr(1e-2, 5, power=1.0) == pytest.approx(2e-3)
-    assert core_lr(1e-2, 3) == pytest.approx(1e-2 / 3**1.5)
+    assert core_lr(1e-3, 5, power=0.0, cap=0.0) == 1e-3
+    assert core_lr(1e-3, 2, power=0.0, cap=0.0) == 1e-3
+    assert core_lr(1e-2, 4, power=1.5, cap=0.0) == pytest.approx(1e-2 / 8)
+    assert core_lr(1e-2, 5, power=1.0, cap=0.0) == pytest.approx(2e-3)
+    assert core_lr(1e-2, 3, power=2.0, cap=0.0) == pytest.approx(1e-2 / 9)
     with pytest.raises(ValueError, match="n_cores=1"):
         core_lr(1e-3, 1)
     with pytest.raises(ValueError, match="power=-1"):
         core_lr(1e-3, 3, power=-1.0)
+    with pytest.raises(ValueError, match="cap=-1"):
+        core_lr(1e-3, 3, cap=-1.0)
+
+
+@pytest.mark.parametrize(("lr", "m", "expected"), [
+    # below the limit 1e-2 / m^2 the cores train at the main lr, as the paper does ...
+    (1e-5, 8, 1e-5), (1e-4, 5, 1e-4), (1e-3, 3, 1e-3), (1e-3, 2, 1e-3),
+    # ... above it at the limit: 1e-2 / 4, 1e-2 / 9, 1e-2 / 25, 1e-2 / 64
+    (1e-2, 2, 0.0025), (1e-2, 3, 0.0011111111111111111), (1e-3, 5, 0.0004), (3e-2, 5, 0.0004), (1e-3, 8, 0.00015625),
+])
+def test_default_core_lr_is_the_main_lr_up_to_a_limit_of_1e_2_over_m_squared(lr, m, expected):
+    """The default (no mpo_lr, mpo_lr_power 0, mpo_lr_cap 1e-2): min(lr, 1e-2 / m^2), values written out."""
+    from opdiff.methods.lora_over import MPO_LR_CAP, MPO_LR_POWER, core_lr
+
+    assert (MPO_LR_POWER.default, MPO_LR_CAP.default) == (0.0, 1e-2)
+    assert core_lr(lr, m, MPO_LR_POWER.default, MPO_LR_CAP.default) == pytest.approx(expected, rel=1e-12)
+    assert core_lr(lr, m) == pytest.approx(expected, rel=1e-12)
+
+
+def test_runs_saved_before_the_core_lr_limit_and_the_gauge_keep_their_behaviour():
+    """A saved config without these settings meant: cores at the main lr, no limit, the symmetric gauge."""
+    from opdiff.methods.lora_over import MPO_GAUGE, MPO_LR_CAP, MPO_LR_POWER
+    from pipelines.config import saved_settings
+
+    assert (MPO_LR_POWER.absent, MPO_LR_CAP.absent, MPO_GAUGE.absent) == (0.0, 0.0, "symmetric")
+    old = saved_settings({"method": "lora-over-mpo", "mpo_cores": 5})  # a config saved before all three
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    opdiff.inject(model, opdiff.AdapterConfig(method="lora-over-mpo", target_modules=("0",), mpo_cores=5,
+                                              **{k: old[k] for k in ("mpo_lr_power", "mpo_lr_cap", "mpo_gauge")}))
+    (group,) = opdiff.param_groups(model, lr=3e-2)
+    assert group["lr"] == 3e-2  # the paper's rate, unlimited

@@ -67,8 +67,9 @@ def test_train_writes_run_files_and_leaves_base_untouched(method, bundled_model,
     assert all(0.0 < float(r["loss"]) < 10.0 for r in rows)
     assert [e["step"] for e in events] == [1, 2, 3] and {e["total"] for e in events} == {3}
     assert set(events[0]) == {"step", "total", "loss", "it_s", "eta_s", "lr", "smoothed_loss", "events"}
-    # The first parameter group's rate: LoRA-Over's cores alone train at lr / m^1.5 (m cores; mpo_lr_power's default).
-    first_group = {"lora-over-svd": 1e-3 / 2**1.5, "lora-over-mpo": 1e-3 / 5**1.5}.get(method, 1e-3)
+    # The first parameter group's rate: LoRA-Over's cores alone train at min(lr, 1e-2 / m^2) (m cores; the defaults
+    # of mpo_lr_power and mpo_lr_cap): the main 1e-3 for SVD (m = 2), 1e-2 / 25 for MPO (m = 5).
+    first_group = {"lora-over-mpo": 4e-4}.get(method, 1e-3)
     assert events[-1]["eta_s"] == 0.0 and [e["lr"] for e in events] == pytest.approx([first_group] * 3)
     assert (run_dir / "adapter_training.safetensors").is_file() and (run_dir / "lora.safetensors").is_file()
     if method in SELECTING:

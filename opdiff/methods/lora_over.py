@@ -60,13 +60,15 @@ class MPOWeight(nn.Module):
         return mpo.contract(list(self.cores))
 
 
-def to_mpo(linear: nn.Linear, n_cores: int, banks: nn.ModuleDict | None = None) -> MPOWeight:
+def to_mpo(linear: nn.Linear, n_cores: int, banks: nn.ModuleDict | None = None,
+           gauge: str = "symmetric") -> MPOWeight:
     """Turn `linear.weight` into MPO cores without changing its value, in place; return the parametrization.
 
     A matrix that is exactly zero (LoRA's B at init) is not decomposed: an MPO of zero has zero cores whose
     gradients all vanish, so it would never train. Instead a random matrix is decomposed and its last core zeroed:
     the product is still exactly zero, but the zeroed core gets a gradient at once and the others after one step.
     With `banks` (the model's `opdiff` dict) the matrix joins the bank of its core layout for batched contraction.
+    `gauge` places the matrix's scale on the chain (`opdiff.mpo.decompose`).
     """
     w = linear.weight.detach()  # (I, J)
     i_factors = mpo.factorize(w.shape[0], n_cores)
@@ -76,9 +78,9 @@ def to_mpo(linear: nn.Linear, n_cores: int, banks: nn.ModuleDict | None = None) 
         cores = [torch.empty(d[k], i, j, d[k + 1], device="meta")
                  for k, (i, j) in enumerate(zip(i_factors, j_factors, strict=True))]
     elif torch.count_nonzero(w) == 0:
-        cores = mpo.zero_product_cores(i_factors, j_factors)
+        cores = mpo.zero_product_cores(i_factors, j_factors, gauge=gauge)
     else:
-        cores = mpo.decompose(w, i_factors, j_factors)
+        cores = mpo.decompose(w, i_factors, j_factors, gauge)
     bank = None
     if banks is not None:
         key = "mpo_" + "_".join(f"{i}x{j}" for i, j in zip(i_factors, j_factors, strict=True))
@@ -98,33 +100,51 @@ MPO_CORES = Setting(
 MPO_LR = Setting(
     "mpo_lr", float | None, None, "Learning rate of the small tensors (cores) each adapter matrix is split into "
     "while training.", optional=True,
-    none_means="the main learning rate divided by (number of cores)^mpo_lr_power",
+    none_means="the main learning rate divided by (number of cores)^mpo_lr_power, at most mpo_lr_cap / cores^2",
     ref="lora-over.txt Tables 4 and 6, MPO_LR", label="core learning rate", above=0)
 MPO_LR_POWER = Setting(
-    "mpo_lr_power", float, 1.5, "How much slower the cores learn than the main rate when no core learning rate is "
-    "given: lr / cores^power. 0 trains them at the main rate, as the paper does; the default keeps chains of "
-    "several cores stable under Adam at learning rates where LoRA trains.",
+    "mpo_lr_power", float, 0.0, "How much slower the cores learn than the main rate when no core learning rate is "
+    "given: lr / cores^power. 0 trains them at the main rate, as the paper does.",
     ref="lora-over.txt Tables 4 and 6 (MPO_LR = LR); bench/RESULTS.md, core learning-rate sweep",
     label="core lr power", minimum=0, absent=0.0)  # runs from before this setting trained cores at the main lr
+MPO_LR_CAP = Setting(
+    "mpo_lr_cap", float, 1e-2, "The most the cores' learning rate may be when no core learning rate is given: this "
+    "divided by (number of cores)^2. Keeps chains of cores from blowing up at learning rates where LoRA trains; "
+    "below it the cores learn at the paper's rate. 0 turns the limit off.",
+    ref="bench/RESULTS.md, core learning-rate sweep (a departure from lora-over.txt, which has no limit)",
+    label="core lr limit", minimum=0, absent=0.0)  # runs from before this setting had no limit
+MPO_GAUGE = Setting(
+    "mpo_gauge", str, "symmetric", "Where each adapter matrix's size sits on its chain of cores when training "
+    "starts. It changes how fast each core learns, not the matrix.", choices=mpo.GAUGES,
+    choice_help=("every core carries the square root of the singular values on each side of it (balanced)",
+                 "the paper's Algorithm 1: every core but the last is orthonormal, the last carries the whole size"),
+    ref="lora-over.txt Alg. 1, App. B (left); bench/RESULTS.md, gauge comparison", label="MPO gauge",
+    absent="symmetric")  # runs from before this setting used the symmetric gauge
 
 
-def core_lr(lr: float, n_cores: int, power: float = 1.5) -> float:
+def core_lr(lr: float, n_cores: int, power: float = 0.0, cap: float = 1e-2) -> float:
     """Return the learning rate of the cores of an `n_cores`-core chain (SVD: 2) under main learning rate `lr`.
 
-    lr / n_cores**power. `power = 0` is the paper: the cores train at the main rate (lora-over.txt Tables 4 and
-    6 set MPO_LR next to LR). Why a power: under Adam every core's entries move by about lr per step whatever
-    the size of their gradient, so each of the m factors of a matrix grows about as fast as a LoRA matrix does
-    and their growth multiplies. On bench/paper_toys.py's frozen ReLU MLP at Adam lr 1e-2, A's factors grew
-    13x together in 40 steps for LoRA, 31x, 338x and 677x for m = 3, 5, 8; B A overshot, every pre-activation
-    of the adapted layer went negative, and with all 512 ReLUs dead no gradient comes back (loss stuck at
-    ln 10) while LoRA trains. lr / m (equal first-order speed) still collapses there, because the growth
-    compounds; lr / m**1.5, the default, trains m = 2, 3, 5, 8 at that lr (bench/RESULTS.md).
+    min(lr / n_cores**power, cap / n_cores**2); `cap = 0` drops the limit. `power = 0` without a cap is the paper:
+    the cores train at the main rate (lora-over.txt Tables 4 and 6 set MPO_LR next to LR).
+
+    Why a limit: under Adam every core's entries move by about the core rate per step whatever the size of their
+    gradient, so each of the m factors of a matrix grows about as fast as a LoRA matrix does and their growth
+    multiplies. On bench/paper_toys.py's frozen ReLU MLP at Adam lr 1e-2, A's factors grew 13x together in 40
+    steps for LoRA, 31x, 338x and 677x for m = 3, 5, 8; B A overshot, every pre-activation of the adapted layer
+    went negative, and with all 512 ReLUs dead no gradient comes back (loss stuck at ln 10) while LoRA trains.
+    Only the cores' rate decides it (lora-over-mpo trains nothing else), and the rate a chain survives falls
+    about as 1/m^2 there (about 1e-2, 2e-3, 1.5e-3 and 7e-4 for m = 2, 3, 5, 8). A power of the main rate cannot
+    both keep the paper's speed at low rates and stay below that at high ones; a limit does (bench/RESULTS.md).
     """
     if n_cores < 2:
         raise ValueError(f"core_lr: a chain has at least 2 cores, got n_cores={n_cores}")
     if power < 0:
         raise ValueError(f"core_lr: power must be >= 0 (0 = the paper's main lr), got power={power}")
-    return lr / n_cores**power
+    if cap < 0:
+        raise ValueError(f"core_lr: cap must be >= 0 (0 = no limit), got cap={cap}")
+    rate = lr / n_cores**power
+    return min(rate, cap / n_cores**2) if cap > 0 else rate
 
 
 def mpo_cores(model: nn.Module) -> list[nn.Parameter]:
@@ -152,8 +172,8 @@ class LoRAOver(Method):
 
     def attach(self, model: nn.Module, layers: list[AdaptedLayer], config: AdapterConfig) -> None:
         for a in layers:
-            to_mpo(a.lora_A, self.n_cores(config), model.opdiff)
-            to_mpo(a.lora_B, self.n_cores(config), model.opdiff)
+            to_mpo(a.lora_A, self.n_cores(config), model.opdiff, config.mpo_gauge)
+            to_mpo(a.lora_B, self.n_cores(config), model.opdiff, config.mpo_gauge)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """An "adapter" group at `lr` (if anything is not a core) and an "mpo" group of the cores at `mpo_lr`."""
@@ -161,7 +181,9 @@ class LoRAOver(Method):
         core_ids = {id(p) for p in cores}
         rest = [p for p in trainable_parameters(model) if id(p) not in core_ids]
         config = model.opdiff_config
-        mpo_lr = config.mpo_lr if config.mpo_lr is not None else core_lr(lr, self.n_cores(config), config.mpo_lr_power)
+        mpo_lr = config.mpo_lr
+        if mpo_lr is None:
+            mpo_lr = core_lr(lr, self.n_cores(config), config.mpo_lr_power, config.mpo_lr_cap)
         groups = [{"params": rest, "lr": lr, "name": "adapter"}] if rest else []
         return groups + [{"params": cores, "lr": mpo_lr, "name": "mpo"}]
 
@@ -172,14 +194,14 @@ class LoRAOver(Method):
 
 register(LoRAOver(
     "lora-over-svd", "LoRA-Over-SVD: every A and B trained as 2 SVD cores; ships as plain LoRA.",
-    n_cores=lambda config: 2, settings=(MPO_LR, MPO_LR_POWER),
+    n_cores=lambda config: 2, settings=(MPO_LR, MPO_LR_POWER, MPO_LR_CAP, MPO_GAUGE),
     about="LoRA-Over with SVD: every adapter matrix is trained as two factors and multiplied back at export. "
           "A light over-parameterization (1.7x LoRA's trainable parameters on SDXL); ships as a plain LoRA.",
     ref="lora-over.txt Sec. 4.2",
 ))
 register(LoRAOver(
     "lora-over-mpo", "LoRA-Over-MPO: every A and B trained as an m-core MPO; ships as plain LoRA.",
-    n_cores=lambda config: config.mpo_cores, settings=(MPO_CORES, MPO_LR, MPO_LR_POWER),
+    n_cores=lambda config: config.mpo_cores, settings=(MPO_CORES, MPO_LR, MPO_LR_POWER, MPO_LR_CAP, MPO_GAUGE),
     about="LoRA-Over with MPO: every adapter matrix is trained as a chain of small tensors and multiplied back at "
           "export. About 4x LoRA's trainable parameters, 1.2x its time per step and 0.4 GB more memory on SDXL; "
           "ships as a plain LoRA.",
