@@ -521,3 +521,18 @@ def test_schedule_warnings_name_the_setting_to_change(tmp_path):
     assert mpop.schedule_warning(config, 101) is None
     assert "--select-warmup-steps" in mpop.schedule_warning(config, 100)  # no step left for the restarted adapter
     assert mpop.schedule_warning(config.replace(select_from=tmp_path), 1) is None  # scored before the first step
+
+
+@pytest.mark.parametrize("method", ["lora-over-mpop", "lora-over-mpor"])
+def test_the_chosen_layers_get_cores_in_the_chosen_gauge(method):
+    """`mpo_gauge = left` (lora-over.txt Alg. 1): every core but the last is a left isometry."""
+    model = make(method, TwoWidthNet, mpo_gauge="left", select_warmup_steps=1, select_every=1, select_split=1)
+    run(model, torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2)), range(1))
+    chosen = [m for m in model.modules() if isinstance(m, MPOWeight)]
+    assert chosen
+    for weight in chosen:
+        for core in list(weight.cores)[:-1]:
+            u = core.detach().double().reshape(-1, core.shape[-1])  # (d_{k-1} i_k j_k, d_k)
+            live = u.norm(dim=0) > 0.5  # bonds beyond the matrix's rank are zero columns
+            gram = u[:, live].T @ u[:, live]
+            assert torch.allclose(gram, torch.eye(int(live.sum()), dtype=torch.float64), atol=1e-5)

@@ -43,7 +43,16 @@ from safetensors import safe_open
 from torch import nn
 
 from opdiff.methods.base import ProbeLoss, register
-from opdiff.methods.lora_over import MPO_CORES, MPO_LR, MPO_LR_POWER, LoRAOver, mpo_cores, to_mpo
+from opdiff.methods.lora_over import (
+    MPO_CORES,
+    MPO_GAUGE,
+    MPO_LR,
+    MPO_LR_CAP,
+    MPO_LR_POWER,
+    LoRAOver,
+    mpo_cores,
+    to_mpo,
+)
 from opdiff.settings import Setting
 
 if TYPE_CHECKING:
@@ -250,7 +259,7 @@ class Selector(nn.Module):
         group."""
         for linear in self.linears(model, k):
             old = linear.weight
-            to_mpo(linear, self.config.mpo_cores, model.opdiff)
+            to_mpo(linear, self.config.mpo_cores, model.opdiff, self.config.mpo_gauge)
             if optimizer is not None:
                 sync_optimizer(model, optimizer, old)
 
@@ -260,7 +269,7 @@ class Selector(nn.Module):
             if self.chosen_step[k] >= 0:
                 for linear in self.linears(model, k):
                     if not hasattr(linear, "parametrizations"):
-                        to_mpo(linear, self.config.mpo_cores, model.opdiff)
+                        to_mpo(linear, self.config.mpo_cores, model.opdiff, self.config.mpo_gauge)
 
 
 def read_trained_lora(path: Path, units: list[Unit], model: nn.Module, config: AdapterConfig
@@ -460,7 +469,8 @@ class Selecting(LoRAOver):
         sel.restore(model)
 
 
-SELECTION_SETTINGS = (MPO_CORES, MPO_LR, MPO_LR_POWER, SELECT_FRACTION, SELECT_TOP_N, SELECT_GROUPS)
+SELECTION_SETTINGS = (MPO_CORES, MPO_GAUGE, MPO_LR, MPO_LR_POWER, MPO_LR_CAP, SELECT_FRACTION, SELECT_TOP_N,
+                      SELECT_GROUPS)
 register(Selecting(
     "lora-over-mpop", "LoRA-Over-MPOP: score a trained LoRA by Eq. 7, then train its top layers per group as MPO "
     "from the base.",
