@@ -20,9 +20,11 @@
 - `z`: OP-LoRA's initial z scale on both studies: N(0, 1) (the default), N(0, 1/e) (||z|| about 1), and the scale
   at which the generated A starts with PEFT's kaiming-uniform A's standard deviation.
 
-MPOP and MPOR run through the same loop; their selection needs two calls into the method each step, made in
-`method_hooks`. With one layer per group here, top-N = 1 selects every matrix: MPOP after a quarter of the run,
-MPOR at an eighth.
+MPOP and MPOR run through the same loop; their selection needs calls into the method, made in `method_hooks`.
+With one layer per group here, top-N = 1 selects every layer: MPOR at an eighth of the run; MPOP scores a LoRA
+trained for the first quarter, then trains MPO from the base for the rest (lora-over.txt Alg. 2). The tables also
+have two variants: `lora-over-mpop in place` (the scored LoRA keeps training, as MPO) and `lora-over-mpo default`
+(opdiff's default core rate instead of the paper's).
 """
 
 from __future__ import annotations
@@ -53,12 +55,27 @@ METHODS = list(opdiff.METHODS)
 
 
 def method_hooks(model: nn.Module, when: str, step: int = 0, optimizer=None, eval_loss=None) -> None:
-    """The loop's calls into the injected method's hooks: `after_backward` and `after_step` (1-based step)."""
+    """The loop's calls into the injected method's hooks: `before_training` (step 0), `after_backward` and
+    `after_step` (1-based step)."""
     method = opdiff.method_of(model)
-    if when == "after_backward":
+    if when == "before_training":
+        method.before_training(model, optimizer, lambda n: eval_loss())
+    elif when == "after_backward":
         method.after_backward(model, step)
     else:
         method.after_step(model, step, optimizer, lambda n: eval_loss())
+
+
+VARIANTS = {  # table rows beyond the registry: label -> (method, settings)
+    "lora-over-mpo default": ("lora-over-mpo", {"mpo_lr_cap": None}),  # None: opdiff's default, filled in below
+    "lora-over-mpop in place": ("lora-over-mpop", {"select_restart": False}),
+}
+
+
+def method_and_options(label: str) -> tuple[str, dict]:
+    """A table row's method and settings: a registered method as the paper sets it, or one of `VARIANTS`."""
+    method, options = VARIANTS.get(label, (label, {}))
+    return method, {k: MPO_LR_CAP.default if k == "mpo_lr_cap" and v is None else v for k, v in options.items()}
 
 
 def adapter_config(method: str, rank: int, targets: tuple[str, ...], steps: int, **kw) -> opdiff.AdapterConfig:
@@ -90,6 +107,7 @@ def fit(model: nn.Module, loss_at: Callable[[int], torch.Tensor], optimizer: tor
     """Train `steps` steps; `schedule(step)` multiplies every group's lr; `every(step)` observes after each step."""
     base = [g["lr"] for g in optimizer.param_groups]
     losses = []
+    method_hooks(model, "before_training", 0, optimizer, eval_loss)
     for step in range(1, steps + 1):
         if schedule is not None:
             for g, lr in zip(optimizer.param_groups, base, strict=True):
@@ -331,20 +349,22 @@ def study_mf(methods: list[str], steps: int) -> None:
           f" effective rank of the update (SVD optimum: {problem['optimum_erank']:.2f})")
     for name, lrs in MF_LRS.items():
         print(f"\n{name}")
-        print(row("method", [f"lr {lr:g}" for lr in lrs]))
-        for method in methods:
-            runs = [mf_run(problem, method, name, lr, steps=steps) for lr in lrs]
-            print(row(method, [f"{r['ratio']:.3f} ({r['erank']:.2f})" for r in runs]), flush=True)
+        print(row("method", [f"lr {lr:g}" for lr in lrs], 24))
+        for label in methods:
+            method, options = method_and_options(label)
+            runs = [mf_run(problem, method, name, lr, steps=steps, **options) for lr in lrs]
+            print(row(label, [f"{r['ratio']:.3f} ({r['erank']:.2f})" for r in runs], 24), flush=True)
 
 
 def study_digits(data: Digits, methods: list[str], steps: int) -> None:
     print(f"\n## digits: loss on the rotated training set after {steps} Adam steps (dead ReLUs of 512)")
     print(f"base: {data.base_upright_loss:.4f} on upright digits, {data.base_rotated_loss:.3f} on rotated, "
           f"{dead_units(data.base(), data.rotated[0])} dead on rotated")
-    print(row("method", [f"lr {lr:g}" for lr in DIGIT_LRS]))
-    for method in methods:
-        runs = [digits_run(data, method, lr, steps=steps) for lr in DIGIT_LRS]
-        print(row(method, [f"{r['loss']:.3f} ({r['dead']})" for r in runs]), flush=True)
+    print(row("method", [f"lr {lr:g}" for lr in DIGIT_LRS], 24))
+    for label in methods:
+        method, options = method_and_options(label)
+        runs = [digits_run(data, method, lr, steps=steps, **options) for lr in DIGIT_LRS]
+        print(row(label, [f"{r['loss']:.3f} ({r['dead']})" for r in runs], 24), flush=True)
 
 
 def first_steps(data: Digits, method: str, m: int, lr: float, steps: int, mpo_lr: float | None = None) -> list[str]:
@@ -461,7 +481,8 @@ def study_z(data: Digits, steps_mf: int, steps_digits: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", default="mf,digits,mpo,z", help="comma-separated: mf, digits, mpo, z")
-    parser.add_argument("--methods", default=",".join(METHODS), help="methods of the mf and digits tables")
+    parser.add_argument("--methods", default=",".join([*METHODS, *VARIANTS]),
+                        help="methods (and VARIANTS) of the mf and digits tables")
     parser.add_argument("--quick", action="store_true", help="a tenth of the steps and fewer sweep points")
     args = parser.parse_args()
     torch.set_num_threads(1)

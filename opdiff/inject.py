@@ -154,6 +154,7 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def param_groups(model: nn.Module, lr: float) -> list[dict]:
-    """Return the optimizer parameter groups the injected method asks for (`Method.param_groups`)."""
-    return method_of(model).param_groups(model, lr)
+def param_groups(model: nn.Module, lr: float, relative: bool = False) -> list[dict]:
+    """Return the optimizer parameter groups the injected method asks for (`Method.param_groups`; `relative`: lr
+    multiplies a step size the optimizer finds itself, as Prodigy's does)."""
+    return method_of(model).param_groups(model, lr, relative)

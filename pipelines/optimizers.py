@@ -23,6 +23,7 @@ BNB_KERNEL = "bitsandbytes::optimizer_update_8bit_blockwise"
 # Bytes of optimizer state per trainable parameter (float32 parameters): AdamW's two moments; 8-bit AdamW's two
 # moments in one byte each plus a float32 scale per block of 256 values; Prodigy's two moments, its running
 # sum s and the initial weights p0.
+RELATIVE_LR = {"prodigy"}  # optimizers whose lr multiplies a step size they find themselves
 STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8.0 / 256, "prodigy": 16.0}
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
 

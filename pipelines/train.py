@@ -41,7 +41,7 @@ from pipelines.interrupt import StopRequests, TrainingInterrupted, stop_requests
 from pipelines.logging_tb import TrainLog, check_logging
 from pipelines.memory import estimate_memory
 from pipelines.model import default_device, load_pipeline
-from pipelines.optimizers import build_optimizer, check_optimizer
+from pipelines.optimizers import RELATIVE_LR, build_optimizer, check_optimizer
 from pipelines.previews import Previews
 from pipelines.rundir import RunDir, check_writable
 from pipelines.schedule import check_resumed_length, lr_schedule
@@ -218,8 +218,8 @@ def _trainer(pipe: StableDiffusionXLPipeline, cfg: TrainConfig, data: TrainingDa
     unet = _prepare_unet(pipe.unet, cfg, device)
     if checkpoint is not None:  # before the optimizer: structure a method builds while training must exist first
         opdiff.load_training_state_dict(unet, checkpoint.adapter)
-    optimizer = build_optimizer(cfg.optimizer, opdiff.param_groups(unet, cfg.lr), cfg.weight_decay,
-                                cfg.lr_warmup_steps)
+    groups = opdiff.param_groups(unet, cfg.lr, relative=cfg.optimizer in RELATIVE_LR)
+    optimizer = build_optimizer(cfg.optimizer, groups, cfg.weight_decay, cfg.lr_warmup_steps)
     schedule = lr_schedule(optimizer, cfg, total)  # before loading: the saved optimizer holds the scheduled rates
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=autocast_dtype is torch.float16)
     if checkpoint is not None:

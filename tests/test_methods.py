@@ -150,6 +150,18 @@ def test_cores_learn_at_lr_over_m_to_the_power_unless_set(method, cores):
         assert mpo["lr"] == pytest.approx(expected, rel=1e-12), (settings, lr, mpo["lr"])
 
 
+@pytest.mark.parametrize(("method", "cores"), [("lora-over-svd", 2), ("lora-over-mpo", 3), ("lora-over-mpor", 3)])
+def test_an_optimizer_that_finds_its_own_step_trains_every_group_at_its_lr_multiplier(method, cores):
+    """`relative=True` (Prodigy: lr ~ 1 multiplies its own step size): the cores' absolute limit does not apply;
+    a core rate the user set still does."""
+    _, adapted = make(method)
+    assert {g["lr"] for g in opdiff.param_groups(adapted, lr=1.0, relative=True)} == {1.0}
+    assert min(g["lr"] for g in opdiff.param_groups(adapted, lr=1.0)) == pytest.approx(1e-2 / cores**2)
+    _, adapted = make(method, mpo_lr=0.5)
+    (mpo,) = [g for g in opdiff.param_groups(adapted, lr=1.0, relative=True) if g["name"] == "mpo"]
+    assert mpo["lr"] == 0.5
+
+
 @pytest.mark.parametrize("method", ["lora-over-svd", "lora-over-mpo"])
 def test_mpo_gauge_reaches_every_matrix(method):
     """mpo_gauge="left" (Alg. 1): every core of A and B but the last is a left isometry over its

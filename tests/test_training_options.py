@@ -306,10 +306,12 @@ def test_the_gui_job_lists_the_sample_grids(tmp_path):
 # -- optimizers
 
 
-def test_prodigy_trains_end_to_end(demo_subset, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "lora-over-mpor"])
+def test_prodigy_trains_end_to_end(method, demo_subset, quick_settings, tmp_path):
+    """Every group at Prodigy's lr multiplier, LoRA-Over's cores too (their default limit is an absolute rate)."""
     pytest.importorskip("prodigyopt")
     run, events = _train(demo_subset(2), tmp_path / "run", max_steps=3, optimizer="prodigy", lr=1.0,
-                         lr_scheduler="constant_with_warmup", lr_warmup_steps=1)
+                         lr_scheduler="constant_with_warmup", lr_warmup_steps=1, **quick_settings(method))
     checkpoint = torch.load(RunDir(run).checkpoint, weights_only=True)
     assert "d" in checkpoint["optimizer"]["param_groups"][0]  # Prodigy's own step-size estimate
     assert RunDir(run).lora.is_file() and len(_losses(run)) == 3

@@ -65,8 +65,12 @@ class Method:
 
     # -- hooks the training loop calls
 
-    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
-        """Return the optimizer's parameter groups: one "adapter" group at `lr` by default."""
+    def param_groups(self, model: nn.Module, lr: float, relative: bool = False) -> list[dict]:
+        """Return the optimizer's parameter groups: one "adapter" group at `lr` by default.
+
+        `relative`: `lr` is a multiplier of a step size the optimizer finds itself (Prodigy), so rates a method
+        derives from an absolute lr (e.g. a limit on its cores' rate) do not apply; rates the user set still do.
+        """
         return [{"params": trainable_parameters(model), "lr": lr, "name": "adapter"}]
 
     def schedule_warning(self, config: AdapterConfig, total_steps: int) -> str | None:

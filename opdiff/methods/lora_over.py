@@ -110,7 +110,8 @@ MPO_LR_POWER = Setting(
 MPO_LR_CAP = Setting(
     "mpo_lr_cap", float, 1e-2, "The most the cores' learning rate may be when no core learning rate is given: this "
     "divided by (number of cores)^2. Keeps chains of cores from blowing up at learning rates where LoRA trains; "
-    "below it the cores learn at the paper's rate. 0 turns the limit off.",
+    "below it the cores learn at the paper's rate. 0 turns the limit off. Not used with Prodigy, whose learning rate "
+    "is a multiplier of a step size it finds itself.",
     ref="bench/RESULTS.md, core learning-rate sweep (a departure from lora-over.txt, which has no limit)",
     label="core lr limit", minimum=0, absent=0.0)  # runs from before this setting had no limit
 MPO_GAUGE = Setting(
@@ -175,15 +176,16 @@ class LoRAOver(Method):
             to_mpo(a.lora_A, self.n_cores(config), model.opdiff, config.mpo_gauge)
             to_mpo(a.lora_B, self.n_cores(config), model.opdiff, config.mpo_gauge)
 
-    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
-        """An "adapter" group at `lr` (if anything is not a core) and an "mpo" group of the cores at `mpo_lr`."""
+    def param_groups(self, model: nn.Module, lr: float, relative: bool = False) -> list[dict]:
+        """An "adapter" group at `lr` (if anything is not a core) and an "mpo" group of the cores at `mpo_lr`, or
+        at `core_lr` of `lr` when none is set (at `lr` itself when `relative`: the limit is an absolute rate)."""
         cores = mpo_cores(model)
         core_ids = {id(p) for p in cores}
         rest = [p for p in trainable_parameters(model) if id(p) not in core_ids]
         config = model.opdiff_config
         mpo_lr = config.mpo_lr
         if mpo_lr is None:
-            mpo_lr = core_lr(lr, self.n_cores(config), config.mpo_lr_power, config.mpo_lr_cap)
+            mpo_lr = lr if relative else core_lr(lr, self.n_cores(config), config.mpo_lr_power, config.mpo_lr_cap)
         groups = [{"params": rest, "lr": lr, "name": "adapter"}] if rest else []
         return groups + [{"params": cores, "lr": mpo_lr, "name": "mpo"}]
 

@@ -420,10 +420,10 @@ class Selecting(LoRAOver):
         """Plain LoRA layers and the selection state; nothing has cores yet."""
         model.opdiff["select"] = Selector(layers, self.strategy, config)
 
-    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+    def param_groups(self, model: nn.Module, lr: float, relative: bool = False) -> list[dict]:
         """An "adapter" group at `lr` (kept, perhaps empty, once every layer has cores, so a saved optimizer state
         always has both groups) and an "mpo" group of the cores so far."""
-        groups = super().param_groups(model, lr)
+        groups = super().param_groups(model, lr, relative)
         if groups[0]["name"] != "adapter":
             groups.insert(0, {"params": [], "lr": lr, "name": "adapter"})
         return groups
