@@ -23,8 +23,8 @@
 MPOP and MPOR run through the same loop; their selection needs calls into the method, made in `method_hooks`.
 With one layer per group here, top-N = 1 selects every layer: MPOR at an eighth of the run; MPOP scores a LoRA
 trained for the first quarter, then trains MPO from the base for the rest (lora-over.txt Alg. 2). The tables also
-have two variants: `lora-over-mpop in place` (the scored LoRA keeps training, as MPO) and `lora-over-mpo default`
-(opdiff's default core rate instead of the paper's).
+have variants: `lora-over-mpop in place` (the scored LoRA keeps training, as MPO) and `<method> default`
+(opdiff's default core rate, min(lr, 1e-2 / m^2), instead of the paper's main lr).
 """
 
 from __future__ import annotations
@@ -67,8 +67,10 @@ def method_hooks(model: nn.Module, when: str, step: int = 0, optimizer=None, eva
 
 
 VARIANTS = {  # table rows beyond the registry: label -> (method, settings)
-    "lora-over-mpo default": ("lora-over-mpo", {"mpo_lr_cap": None}),  # None: opdiff's default, filled in below
     "lora-over-mpop in place": ("lora-over-mpop", {"select_restart": False}),
+    # opdiff's default core rate (None: filled in below) instead of the paper's
+    **{f"{m} default": (m, {"mpo_lr_cap": None}) for m in ("lora-over-svd", "lora-over-mpo", "lora-over-mpop",
+                                                          "lora-over-mpor")},
 }
 
 
