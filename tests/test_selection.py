@@ -208,52 +208,33 @@ def top_per_group(scores: dict[str, float], groups: dict[str, str], n: int, excl
     return out
 
 
-def test_mpor_chooses_the_top_layers_by_eq8_added_up_over_the_whole_run():
-    """Alg. 2 lines 11-15 with Sec. 4.3's accumulation "throughout the fine-tuning process": round 2 ranks by
-    the scores summed from step 1, not from round 1."""
-    model = make("lora-over-mpor", TwoWidthNet, select_top_n=2, select_split=2, select_every=3)
+@pytest.mark.parametrize("accumulate", ["run", "round"])
+def test_mpor_chooses_the_top_layers_by_eq8_added_up_as_set(accumulate):
+    """Alg. 2 lines 11-15 with Sec. 4.3's accumulation "throughout the fine-tuning process" (`run`): round 2 ranks
+    by the scores summed from step 1. `round` (the earlier scheme): by steps 4-6 alone."""
+    model = make("lora-over-mpor", TwoWidthNet, select_top_n=2, select_split=2, select_every=3,
+                 select_accumulate=accumulate)
     groups = {u.layer: u.group for u in selector(model).units}
     opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
-    total: dict[str, float] = dict.fromkeys(groups, 0.0)
+    scores: dict[str, float] = dict.fromkeys(groups, 0.0)
 
     def observe(m):
         for name, score in eq8_by_autograd(m).items():
-            total[name] += score
+            scores[name] += score
 
     run(model, opt, range(3), observe)
     first = layers_with_cores(model)
-    assert first == top_per_group(total, groups, 1)
+    assert first == top_per_group(scores, groups, 1)
+    if accumulate == "round":
+        scores.update(dict.fromkeys(groups, 0.0))
     run(model, opt, range(3, 6), observe)
     second = layers_with_cores(model) - first
-    assert second == top_per_group(total, groups, 1, exclude=first)
+    assert second == top_per_group(scores, groups, 1, exclude=first)
     sel = selector(model)
     for k, unit in enumerate(sel.units):
         if unit.layer in second:
-            assert float(sel.chosen_score[k]) == pytest.approx(total[unit.layer], rel=1e-6)
+            assert float(sel.chosen_score[k]) == pytest.approx(scores[unit.layer], rel=1e-6)
             assert int(sel.chosen_step[k]) == 6
-
-
-def test_mpor_round_by_round_scores_are_reachable():
-    """`select_accumulate = round` (the earlier scheme): round 2 ranks by steps 4-6 alone."""
-    model = make("lora-over-mpor", TwoWidthNet, select_top_n=2, select_split=2, select_every=3,
-                 select_accumulate="round")
-    groups = {u.layer: u.group for u in selector(model).units}
-    opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
-    since: dict[str, float] = dict.fromkeys(groups, 0.0)
-
-    def observe(m):
-        for name, score in eq8_by_autograd(m).items():
-            since[name] += score
-
-    run(model, opt, range(3), observe)
-    first = layers_with_cores(model)
-    since = dict.fromkeys(groups, 0.0)
-    run(model, opt, range(3, 6), observe)
-    sel = selector(model)
-    for k, unit in enumerate(sel.units):
-        if int(sel.chosen_step[k]) == 6:
-            assert float(sel.chosen_score[k]) == pytest.approx(since[unit.layer], rel=1e-6)
-    assert layers_with_cores(model) - first == top_per_group(since, groups, 1, exclude=first)
 
 
 @pytest.mark.parametrize("method", ["lora-over-mpop", "lora-over-mpor"])
