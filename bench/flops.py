@@ -30,7 +30,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from methods import select_all_n  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 import opdiff  # noqa: E402
 
@@ -63,7 +62,7 @@ def train_step_flops(method: str | None, resolution: int) -> int:
                 unet(**inputs)
             return counter.get_total_flops()
         opdiff.inject(unet, opdiff.AdapterConfig(method=method))
-        select_all_n(unet)
+        opdiff.method_of(unet).at_largest(unet)  # MPOP/MPOR: after their selection
         with FlopCounterMode(display=False) as counter, opdiff.materialize(unet):
             unet(**inputs).sample.sum().backward()
     return counter.get_total_flops()

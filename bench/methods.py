@@ -41,17 +41,6 @@ SDXL_CONFIG = ASSETS / "sdxl-base-1.0" / "unet" / "config.json"
 TINY_UNET = ASSETS / "tiny-sdxl" / "unet"
 
 
-def select_all_n(model: torch.nn.Module) -> None:
-    """For MPOP/MPOR: convert the first N layers per group, the state once selection has finished."""
-    if "select" not in model.opdiff:  # the selection state LoRA-Over MPOP/MPOR keep (opdiff/methods/lora_over_select)
-        return
-    sel = model.opdiff["select"]
-    for group in sorted(set(sel.groups)):
-        for k in sel.members(group)[: sel.quota(group)]:
-            sel.convert(model, k, None)
-            sel.chosen_step[k] = 0
-
-
 def count_full_size(methods: list[str]) -> list[dict]:
     """Trainable parameters of each method on the full SDXL U-Net (meta device)."""
     config = json.loads(SDXL_CONFIG.read_text())
@@ -60,7 +49,7 @@ def count_full_size(methods: list[str]) -> list[dict]:
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(config)
         opdiff.inject(unet, opdiff.AdapterConfig(method=method))
-        select_all_n(unet)
+        opdiff.method_of(unet).at_largest(unet)  # MPOP/MPOR: after their selection
         layers = opdiff.adapted_layers(unet)
         plain = sum(a.lora_A.weight.numel() + a.lora_B.weight.numel() for a in layers)
         trainable = sum(p.numel() for p in opdiff.trainable_parameters(unet))
@@ -76,7 +65,7 @@ def time_steps(methods: list[str], steps: int, warmup: int) -> dict[str, list[fl
     for method in methods:
         unet = UNet2DConditionModel.from_pretrained(TINY_UNET, torch_dtype=torch.float32)
         opdiff.inject(unet, opdiff.AdapterConfig(method=method))
-        select_all_n(unet)
+        opdiff.method_of(unet).at_largest(unet)  # MPOP/MPOR: after their selection
         unet.train()
         runs[method] = (unet, adamw(opdiff.param_groups(unet, lr=1e-4), 1e-2))
     cfg = next(iter(runs.values()))[0].config
@@ -133,7 +122,7 @@ def full_size_one(method: str, steps: int, resolution: int, device: str) -> dict
     inputs = full_size_inputs(resolution, device)
     with peak_memory(device) as memory:
         opdiff.inject(unet, opdiff.AdapterConfig(method=method))
-        select_all_n(unet)
+        opdiff.method_of(unet).at_largest(unet)  # MPOP/MPOR: after their selection
         trainable = sum(p.numel() for p in opdiff.trainable_parameters(unet))
         opt = adamw(opdiff.param_groups(unet, lr=1e-4), 1e-2)
         times = []
@@ -160,7 +149,7 @@ def time_full_size_interleaved(methods: list[str], steps: int, resolution: int, 
         unet = copy.deepcopy(base, memo=dict(shared))  # new modules, the same base tensors
         torch.manual_seed(0)
         opdiff.inject(unet, opdiff.AdapterConfig(method=method))
-        select_all_n(unet)
+        opdiff.method_of(unet).at_largest(unet)  # MPOP/MPOR: after their selection
         runs[method] = (unet.train(), adamw(opdiff.param_groups(unet, lr=1e-4), 1e-2))
     times: dict[str, list[float]] = {m: [] for m in methods}
     for i in range(steps + 1):  # round 0 warms up allocators and kernels

@@ -32,7 +32,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from methods import select_all_n  # noqa: E402  (bench/ is on sys.path when run as a script)
 from train_step import random_sdxl_unet  # noqa: E402
 
 import opdiff  # noqa: E402
@@ -105,7 +104,7 @@ def print_top_operators(prof, method: str, top: int, device: str) -> None:
 
 def profile_method(unet, method: str, inputs: dict, steps: int, device: str, top: int) -> dict[str, float]:
     opdiff.inject(unet, opdiff.AdapterConfig(method=method))
-    select_all_n(unet)
+    opdiff.method_of(unet).at_largest(unet)  # MPOP/MPOR: after their selection
     unet.train()
     optimizer = adamw(opdiff.param_groups(unet, 1e-4), 1e-2)
     clock = Clock(device)

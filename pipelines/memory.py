@@ -214,6 +214,7 @@ def _train_phase(unet_config: dict, cfg: TrainConfig, dtype: torch.dtype, latent
         unet = _cast(UNet2DConditionModel.from_config(unet_config), dtype)
         unet.requires_grad_(False)
         opdiff.inject(unet, cfg.adapter)
+        opdiff.method_of(unet).at_largest(unet)  # e.g. after a selection has given layers cores
     for p in opdiff.trainable_parameters(unet):
         p.data = p.data.float()  # as training keeps them
     if cfg.gradient_checkpointing:

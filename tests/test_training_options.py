@@ -428,3 +428,17 @@ def test_the_memory_estimate_adds_up_what_training_holds(shared_pipeline):
                                           gradient_checkpointing=True))
     assert smaller.train_parts["optimizer state"] == 16 * trainable
     assert smaller.train_parts["activations"] < bigger.train_parts["activations"]
+
+
+def test_the_memory_estimate_counts_the_layers_a_selection_gives_cores():
+    """MPOP/MPOR end with the selected share of each group as MPO: their estimate holds those cores. With every
+    layer selected it is lora-over-mpo's adapter; with 3 of 4 it lies between plain LoRA's and that."""
+    from pipelines.memory import estimate_memory
+
+    def adapter(method: str, **settings) -> int:
+        return estimate_memory(TrainConfig(method=method, **settings)).train_parts["adapter"]
+
+    lora, mpo = adapter("lora"), adapter("lora-over-mpo")
+    for method in ("lora-over-mpop", "lora-over-mpor"):
+        assert adapter(method, select_fraction=1.0) == mpo
+        assert lora < adapter(method) < mpo

@@ -103,6 +103,10 @@ class Method:
     def before_load(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Rebuild structure described by the method's saved buffers before a training state is loaded."""
 
+    def at_largest(self, model: nn.Module) -> None:
+        """Give `model` (freshly injected, e.g. on the meta device) the structure the method reaches at its largest
+        while training, for memory estimates and benchmarks; nothing by default (the structure never changes)."""
+
     def report(self, model: nn.Module) -> dict[str, Any]:
         """Return figures worth logging and keeping with the run (e.g. parameters added); none by default."""
         return {}

@@ -458,6 +458,13 @@ class Selecting(LoRAOver):
         """Run the selection round due now, if any; return the layers given cores."""
         return _selector(model).step(model, step, optimizer, probe_loss)
 
+    def at_largest(self, model: nn.Module) -> None:
+        """Every group's N layers given cores (the first N in module order: which ones does not change the size)."""
+        sel = _selector(model)
+        for group in sorted(set(sel.groups)):
+            for k in sel.members(group)[: sel.quota(group)]:
+                sel.convert(model, k, None)
+
     def before_load(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Load the selection buffers, then give the units chosen so far their cores back."""
         sel = _selector(model)
