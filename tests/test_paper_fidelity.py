@@ -291,6 +291,21 @@ def test_added_parameters_of_an_injected_matrix_are_eq6(rows, cols, m):
     assert added == paper_n_add(paper_factors(rows, m), paper_factors(cols, m))
 
 
+@pytest.mark.parametrize(("method", "m"), [("lora-over-mpo", 5), ("lora-over-svd", 2), ("lora-over-mpor", 3)])
+def test_the_run_report_adds_eq6_over_every_matrix_with_cores(method, m):
+    """The N_add a run logs (config.json `method_report`) is Eq. 6 summed over the matrices that have cores: all of
+    them for MPO/SVD; none before a selection, the chosen ones after it."""
+    model, _ = _inject_for(8, 640, method, m)
+    expected = sum(paper_n_add(paper_factors(r, m), paper_factors(c, m))
+                   for layer in opdiff.adapted_layers(model)
+                   for r, c in (tuple(layer.lora_A.weight.shape), tuple(layer.lora_B.weight.shape)))
+    method_ = opdiff.method_of(model)
+    if method == "lora-over-mpor":
+        assert method_.report(model) == {"n_add": 0}
+        method_.at_largest(model)  # 0.75 of each one-layer group: both layers
+    assert method_.report(model) == {"n_add": expected} and expected > 0
+
+
 def test_lora_over_svd_is_the_two_core_case_whatever_mpo_cores_says():
     """lora-over.txt Sec. 5 / Tables 5, 7: LoRA-Over-SVD = 2 cores for every matrix; the same cores as a 2-core MPO."""
     torch.manual_seed(0)
