@@ -354,21 +354,26 @@ def test_mpop_in_place_keeps_training_the_scored_lora():
         assert ((twin(x, ctx) - before).norm() / before.norm()).item() < 1e-5
 
 
-def save_lora(model, path, alpha: float | None, prefix: str = "unet.") -> None:
+def save_lora(model, path, alpha: float | None, prefix: str = "unet.", header: str | None = "diffusers") -> None:
+    """A LoRA file as diffusers (`unet.` keys, `lora_adapter_metadata`), opdiff (`opdiff_adapter`) or PEFT
+    (`base_model.model.` keys) write it; `broken-opdiff`: an unreadable opdiff header next to a diffusers one."""
     tensors = {}
     for name, layer in lora_layers(model).items():
         tensors[f"{prefix}{name}.lora_A.weight"] = layer.lora_A["default"].weight.detach().contiguous()
         tensors[f"{prefix}{name}.lora_B.weight"] = layer.lora_B["default"].weight.detach().contiguous()
-    metadata = {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": alpha, "unet.r": 4})} if alpha else None
+    diffusers = {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": alpha, "unet.r": 4})}
+    metadata = {"diffusers": diffusers, "opdiff": {"opdiff_adapter": json.dumps({"alpha": alpha, "rank": 4})},
+                "broken-opdiff": {"opdiff_adapter": "{not json", **diffusers}, None: None}[header]
     save_file(tensors, str(path), metadata=metadata)
 
 
-@pytest.mark.parametrize("alpha", [4.0, 8.0, None])
-def test_mpop_from_a_trained_lora_file_chooses_before_the_first_step(tmp_path, alpha):
+@pytest.mark.parametrize(("alpha", "header", "prefix"), [(4.0, "diffusers", "unet."), (8.0, "opdiff", "base_model.model."),
+                                                       (8.0, "broken-opdiff", "unet."), (None, None, "unet.")])
+def test_mpop_from_a_trained_lora_file_chooses_before_the_first_step(tmp_path, alpha, header, prefix):
     """Alg. 2 as the paper runs it: a LoRA trained elsewhere is scored by Eq. 7; the run starts from the base."""
     trained = make("lora", TwoWidthNet, alpha=alpha or 4.0)
     run(trained, torch.optim.AdamW(opdiff.param_groups(trained, lr=1e-2)), range(4))
-    save_lora(trained, tmp_path / "lora.safetensors", alpha)
+    save_lora(trained, tmp_path / "lora.safetensors", alpha, prefix, header)
     scores = eq7_by_hand(trained, eval_loss(trained))  # the file's effect is alpha / 4 * B A (1 * B A without alpha)
     model = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path, alpha=2.0)
     groups = {u.layer: u.group for u in selector(model).units}
@@ -380,11 +385,23 @@ def test_mpop_from_a_trained_lora_file_chooses_before_the_first_step(tmp_path, a
         scores = eq7_by_hand(trained, eval_loss(trained))
     opt = torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2))
     _, events = run(model, opt, range(2))
-    assert {e["step"] for e in events} == {0}
+    assert {e["step"] for e in events} == {0} and selector(model).done()
+    assert all(set(e) == {"step", "group", "layer", "matrix", "score"} for e in events)
     chosen = layers_with_cores(model)
     assert chosen == top_per_group(scores, groups, 2)
     for e in events:
         assert e["score"] == pytest.approx(scores[e["layer"]], rel=1e-6, abs=1e-12)
+    # The cores train (the optimizer has them) and are contracted in banks, one per core layout.
+    cores = [p for m in model.modules() if isinstance(m, MPOWeight) for p in m.parameters()]
+    (mpo,) = [g for g in opt.param_groups if g["name"] == "mpo"]
+    assert {id(p) for p in mpo["params"]} == {id(p) for p in cores} and all(p in opt.state for p in cores)
+    assert any(key.startswith("mpo_") for key in model.opdiff)
+    # A checkpoint of it loads into a fresh model, and again into the same one.
+    state = opdiff.training_state_dict(model)
+    resumed = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path, alpha=2.0)
+    for _ in range(2):
+        opdiff.load_training_state_dict(resumed, state)
+        assert layers_with_cores(resumed) == chosen
     fresh = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path, alpha=2.0)
     with torch.no_grad(), opdiff.materialize(fresh):
         opdiff.method_of(fresh).before_training(fresh, None, eval_loss(fresh))
@@ -405,7 +422,22 @@ def test_mpop_from_a_file_refuses_a_mismatch_naming_the_file(tmp_path):
     other = make("lora", TwoWidthNet, target_modules=("to_q",))
     save_lora(other, tmp_path / "q.safetensors", 4.0)
     model = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path / "q.safetensors")
-    with pytest.raises(ValueError, match=r"q\.safetensors has no .*to_k\.lora_A\.weight"):
+    with pytest.raises(ValueError, match=r"q\.safetensors has no .*to_k\.lora_A\.weight: .*"
+                                         r"\(targets to_q, to_k, to_v, to_out\.0\)"):
+        opdiff.method_of(model).before_training(model, None, eval_loss(model))
+    (tmp_path / "damaged.safetensors").write_bytes(b"not a safetensors file")
+    model = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path / "damaged.safetensors")
+    with pytest.raises(ValueError, match=r"cannot read .*damaged\.safetensors as a safetensors LoRA"):
+        opdiff.method_of(model).before_training(model, None, eval_loss(model))
+    dora = make("dora", TwoWidthNet)
+    save_file({k: v.contiguous() for k, v in opdiff.training_state_dict(dora).items()},
+              str(tmp_path / "dora.safetensors"))
+    model = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path / "dora.safetensors")
+    with pytest.raises(ValueError, match=r"dora\.safetensors is a DoRA; Eq\. 7 scores a plain LoRA"):
+        opdiff.method_of(model).before_training(model, None, eval_loss(model))
+    model = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path)  # a folder without lora.safetensors
+    with pytest.raises(ValueError, match=r"lora\.safetensors does not exist; give a finished LoRA run's folder or "
+                                         r"its lora\.safetensors"):
         opdiff.method_of(model).before_training(model, None, eval_loss(model))
 
 
@@ -517,3 +549,47 @@ def test_the_chosen_layers_get_cores_in_the_chosen_gauge(method):
             live = u.norm(dim=0) > 0.5  # bonds beyond the matrix's rank are zero columns
             gram = u[:, live].T @ u[:, live]
             assert torch.allclose(gram, torch.eye(int(live.sum()), dtype=torch.float64), atol=1e-5)
+
+
+def test_misuse_is_refused_with_a_reason():
+    model = make("lora-over-mpop", select_warmup_steps=1)
+    with pytest.raises(ValueError, match="lora-over-mpop needs probe_loss to score layers by Eq. 7"):
+        selector(model).step(model, 1, None, None)
+    model = make("lora-over-mpor")
+    plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])  # no "mpo" group
+    with pytest.raises(ValueError, match=r"optimizer has no 'mpo' param group: build it with "
+                                         r"opdiff.param_groups\(model, lr\)"):
+        selector(model).convert(model, 0, plain)
+
+
+def test_mpor_rounds_never_choose_more_than_n():
+    """N = 3 in 2 rounds: 2 in the first, the 1 left in the second (Alg. 2: until N per group)."""
+    model = make("lora-over-mpor", TwelveLayerNet, select_top_n=3, select_split=2, select_every=1)
+    run(model, torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2)), range(4))
+    sel = selector(model)
+    per_round = {}
+    for k, unit in enumerate(sel.units):
+        if sel.chosen_step[k] >= 0:
+            per_round.setdefault(unit.group, []).append(int(sel.chosen_step[k]))
+    assert {g: sorted(steps) for g, steps in per_round.items()} == {g: [1, 1, 2] for g in set(sel.groups)}
+    assert sel.done()
+
+
+def test_earlier_grouping_gives_cores_to_the_chosen_matrix_only():
+    """`select_groups = suffix-and-matrix`: a unit is one matrix, and only that matrix gets cores."""
+    model = make("lora-over-mpor", **LEGACY, select_top_n=1, select_split=1, select_every=2)
+    _, events = run(model, torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2)), range(2))
+    assert events
+    for e in events:
+        layer = lora_layers(model)[e["layer"]]
+        mine, other = (layer.lora_A, layer.lora_B) if e["matrix"] == "A" else (layer.lora_B, layer.lora_A)
+        assert has_cores(mine["default"])
+        assert not has_cores(other["default"]) or any(
+            f["layer"] == e["layer"] and f["matrix"] != e["matrix"] for f in events)
+
+
+def test_layers_outside_attention_are_grouped_by_kind_and_shape():
+    sel = selector(make("lora-over-mpor"))  # TinyNet: blocks.N.to_q, no attn1 / attn2 in the names
+    assert {u.group for u in sel.units} == {f"{kind}/other/{shape}" for kind, shapes in (
+        ("to_q", ("12x12", "20x20")), ("to_k", ("12x10", "20x10")), ("to_v", ("12x10", "20x10")),
+        ("to_out.0", ("12x12", "20x20"))) for shape in shapes}
