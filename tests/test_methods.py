@@ -156,6 +156,8 @@ def test_an_optimizer_that_finds_its_own_step_trains_every_group_at_its_lr_multi
     a core rate the user set still does."""
     _, adapted = make(method)
     assert {g["lr"] for g in opdiff.param_groups(adapted, lr=1.0, relative=True)} == {1.0}
+    hook = opdiff.method_of(adapted).param_groups(adapted, 1.0)  # the hook's own default: an absolute lr
+    assert min(g["lr"] for g in hook) == pytest.approx(1e-2 / cores**2)
     assert min(g["lr"] for g in opdiff.param_groups(adapted, lr=1.0)) == pytest.approx(1e-2 / cores**2)
     _, adapted = make(method, mpo_lr=0.5)
     (mpo,) = [g for g in opdiff.param_groups(adapted, lr=1.0, relative=True) if g["name"] == "mpo"]

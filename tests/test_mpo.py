@@ -129,10 +129,11 @@ def test_decompose_contract_roundtrip(rows, cols, i_f, j_f):
     assert _rel_err(out, w) < 1e-5
 
 
+@pytest.mark.parametrize("gauge", mpo.GAUGES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_decompose_keeps_dtype(dtype):
+def test_decompose_keeps_dtype(dtype, gauge):
     w = _rand(32, 32, seed=1, dtype=dtype)
-    cores = mpo.decompose(w, I3, J3)
+    cores = mpo.decompose(w, I3, J3, gauge=gauge)
     assert all(c.dtype == dtype for c in cores)
     tol = 1e-12 if dtype == torch.float64 else 2e-2
     assert _rel_err(mpo.contract(cores), w) < tol

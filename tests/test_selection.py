@@ -402,6 +402,7 @@ def test_mpop_from_a_trained_lora_file_chooses_before_the_first_step(tmp_path, a
     for _ in range(2):
         opdiff.load_training_state_dict(resumed, state)
         assert layers_with_cores(resumed) == chosen
+        assert any(key.startswith("mpo_") for key in resumed.opdiff), "restored cores join their bank"
     fresh = make("lora-over-mpop", TwoWidthNet, select_from=tmp_path, alpha=2.0)
     with torch.no_grad(), opdiff.materialize(fresh):
         opdiff.method_of(fresh).before_training(fresh, None, eval_loss(fresh))
@@ -553,12 +554,12 @@ def test_the_chosen_layers_get_cores_in_the_chosen_gauge(method):
 
 def test_misuse_is_refused_with_a_reason():
     model = make("lora-over-mpop", select_warmup_steps=1)
-    with pytest.raises(ValueError, match="lora-over-mpop needs probe_loss to score layers by Eq. 7"):
+    with pytest.raises(ValueError, match=r"^lora-over-mpop needs probe_loss to score layers by Eq\. 7$"):
         selector(model).step(model, 1, None, None)
     model = make("lora-over-mpor")
     plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])  # no "mpo" group
-    with pytest.raises(ValueError, match=r"optimizer has no 'mpo' param group: build it with "
-                                         r"opdiff.param_groups\(model, lr\)"):
+    with pytest.raises(ValueError, match=r"^optimizer has no 'mpo' param group: build it with "
+                                         r"opdiff\.param_groups\(model, lr\)$"):
         selector(model).convert(model, 0, plain)
 
 
@@ -577,6 +578,13 @@ def test_mpor_rounds_never_choose_more_than_n():
 
 def test_earlier_grouping_gives_cores_to_the_chosen_matrix_only():
     """`select_groups = suffix-and-matrix`: a unit is one matrix, and only that matrix gets cores."""
+    model = make("lora-over-mpor", **LEGACY)
+    sel = selector(model)
+    for k in (0, 3):  # the first layer's A, the second layer's B
+        sel.convert(model, k, None)
+    first, second = list(lora_layers(model).values())[:2]
+    assert has_cores(first.lora_A["default"]) and not has_cores(first.lora_B["default"])
+    assert has_cores(second.lora_B["default"]) and not has_cores(second.lora_A["default"])
     model = make("lora-over-mpor", **LEGACY, select_top_n=1, select_split=1, select_every=2)
     _, events = run(model, torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2)), range(2))
     assert events
@@ -593,3 +601,20 @@ def test_layers_outside_attention_are_grouped_by_kind_and_shape():
     assert {u.group for u in sel.units} == {f"{kind}/other/{shape}" for kind, shapes in (
         ("to_q", ("12x12", "20x20")), ("to_k", ("12x10", "20x10")), ("to_v", ("12x10", "20x10")),
         ("to_out.0", ("12x12", "20x20"))) for shape in shapes}
+
+
+@pytest.mark.parametrize("method", ["lora-over-mpop", "lora-over-mpor"])
+def test_once_every_layer_has_cores_the_adapter_group_stays_empty(method):
+    """A saved optimizer state always has both groups, so a run whose every layer got cores resumes."""
+    model = make(method, select_warmup_steps=1, select_every=1, select_split=1, select_fraction=1.0,
+                 select_top_n=None)
+    run(model, torch.optim.AdamW(opdiff.param_groups(model, lr=1e-2)), range(1))
+    assert len(layers_with_cores(model)) == len(lora_layers(model))
+    adapter, mpo = opdiff.method_of(model).param_groups(model, 0.5)  # the hook itself, its default arguments
+    assert (adapter["params"], adapter["lr"], adapter["name"], mpo["name"]) == ([], 0.5, "adapter", "mpo")
+
+
+def test_scores_add_up_in_float64():
+    """Eq. 8 is added every step of a run: float64 keeps a long run's sum from float32 rounding."""
+    sel = selector(make("lora-over-mpor"))
+    assert sel.scores.dtype == sel.chosen_score.dtype == torch.float64
