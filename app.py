@@ -209,13 +209,17 @@ def _optional_numbers() -> list[Setting]:
 
 
 def _emptied(*values: object) -> list:
-    """The optional number boxes' values (`_optional_numbers` order), a 0 that stands for empty made empty."""
-    return [None if _means_empty(s, v) else v for s, v in zip(_optional_numbers(), values, strict=True)]
+    """Updates for the optional number boxes (`_optional_numbers` order): an empty box, or a 0 that stands for
+    empty, is sent an explicit empty value (gradio draws a box never sent one with a 0); a box holding a value is
+    left alone (sending it back could undo what a person typed meanwhile)."""
+    return [gr.update(value=None) if v is None or _means_empty(s, v) else gr.update()
+            for s, v in zip(_optional_numbers(), values, strict=True)]
 
 
-def _zero_is_empty(*values: float | None) -> list[float | None]:
-    """Step and image-count boxes outside the form, where 0 never means anything: a 0 gradio drew is emptied."""
-    return [None if v == 0 else v for v in values]
+def _zero_is_empty(*values: float | None) -> list:
+    """Step and image-count boxes outside the form, where 0 never means anything: a 0 gradio drew is emptied, the
+    others left alone."""
+    return [gr.update(value=None) if v is None or v == 0 else gr.update() for v in values]
 
 
 def _config_from_form(values: dict) -> TrainConfig:

@@ -663,5 +663,10 @@ def test_optional_number_boxes_show_empty_and_an_empty_box_means_the_default():
     assert {s.name: cfg[s.name] for s in optional} == {s.name: None for s in optional}
     # gradio draws an empty number box with a 0: the page empties those where 0 is not a value of the setting
     optional = app._optional_numbers()
-    assert app._emptied(*[0] * len(optional)) == [None if app._means_empty(s, 0) else 0 for s in optional]
-    assert None in app._emptied(*[0] * len(optional)) and app._emptied(*[7] * len(optional)) == [7] * len(optional)
+    emptied = app._emptied(*[0] * len(optional))
+    assert emptied == [{"__type__": "update", **({"value": None} if app._means_empty(s, 0) else {})} for s in optional]
+    assert any("value" in u for u in emptied)
+    # a box holding a value is left alone, never sent back: that could undo what a person typed meanwhile
+    assert app._emptied(*[7] * len(optional)) == [{"__type__": "update"}] * len(optional)
+    assert app._zero_is_empty(0, 5, None) == [{"__type__": "update", "value": None}, {"__type__": "update"},
+                                              {"__type__": "update", "value": None}]

@@ -287,11 +287,11 @@ def test_the_whole_flow_as_a_person_walks_it(page, server, bundled_data, bundled
     open_tab(page, "3. Results")
     runs.get_by_text(second).wait_for()
     assert runs.inner_text().count(second) == 1 and runs.inner_text().count(run) == 1
-    assert page.locator("#more-steps input").input_value() == ""  # an unset step count shows empty, not 0
+    sync_api.expect(page.locator("#more-steps input")).to_have_value("")  # an unset step count shows empty, not 0
 
     # 3. Results: compare the two runs on two prompts and two seeds.
     open_tab(page, "Compare")
-    assert page.locator("#compare-steps input").input_value() == ""
+    sync_api.expect(page.locator("#compare-steps input")).to_have_value("")
     choose(page, "compare-runs", run, second, multi=True)
     fill(page, "compare-steps", 2)
     prompts = ["a painting of a purple circle, opdiff style", "a red square"]
