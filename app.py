@@ -37,6 +37,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
+from opdiff.methods import METHODS  # noqa: E402
 from opdiff.settings import GROUPS, Setting  # noqa: E402
 from pipelines import jobs  # noqa: E402
 from pipelines.config import BUNDLED_DATA, TrainConfig, resume_config  # noqa: E402
@@ -165,6 +166,8 @@ def _widget(s: Setting, visible: bool = True) -> gr.components.Component:
               "min_width": 240}
     if s.base_type is bool:
         return gr.Checkbox(s.default, **common)
+    if s.picks == "run":  # the finished runs to pick from arrive with `App.scoring_runs`; any path may be typed
+        return gr.Dropdown([], value=_shown(s, s.default) or None, allow_custom_value=True, **common)
     if s.allowed is not None:  # a choice with a help line takes a whole row, so the chosen line shows uncut
         return gr.Dropdown(list(zip(_choice_labels(s), s.allowed, strict=True)), value=s.default,
                            elem_classes=["choice-help"] if s.choice_help else None, **common)
@@ -214,6 +217,11 @@ def _emptied(*values: object) -> list:
     left alone (sending it back could undo what a person typed meanwhile)."""
     return [gr.update(value=None) if v is None or _means_empty(s, v) else gr.update()
             for s, v in zip(_optional_numbers(), values, strict=True)]
+
+
+def _run_pickers() -> list[Setting]:
+    """The form's settings picked from the output folder's runs (`Setting.picks == "run"`)."""
+    return [s for s in form_settings() if s.picks == "run"]
 
 
 def _zero_is_empty(*values: float | None) -> list:
@@ -278,6 +286,14 @@ class App:
         runs = jobs.list_runs(self.output_dir, self.jobs.training_dir())
         every = [(f"{r.name} ({r.method}, {r.state})", r.name) for r in runs]
         return every, [(f"{r.name} ({r.method}, {r.steps} steps)", r.name) for r in runs if r.exported]
+
+    def scoring_runs(self) -> list:
+        """Updates for the form's run pickers (`Setting.picks == "run"`): the finished runs whose file is a plain
+        LoRA (not DoRA), by folder, newest first."""
+        runs = [r for r in jobs.list_runs(self.output_dir, self.jobs.training_dir())
+                if r.state == "finished" and r.method in METHODS and not METHODS[r.method].use_dora]
+        choices = [(f"{r.path.name} ({r.method}, {r.steps} steps)", str(r.path)) for r in runs]
+        return [gr.update(choices=choices) for _ in _run_pickers()]
 
     def refresh(self, dataset: str | None = None, compare_runs: list[str] | None = None,
                 eval_runs: list[str] | None = None, export_run: str | None = None,
@@ -1091,6 +1107,9 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
         demo.load(app.clip_status, outputs=[clip_note, clip], api_name="clip_status_on_load")
         for tab in (dataset_tab, train_tab, results_tab):  # sub-tabs share the lists of their step
             tab.select(app.refresh, list_inputs, lists, api_name=f"refresh_{tab.id}")
+        run_pickers = [form[s.name] for s in _run_pickers()]
+        demo.load(app.scoring_runs, outputs=run_pickers, api_name="scoring_runs_on_load", show_progress="hidden")
+        train_tab.select(app.scoring_runs, outputs=run_pickers, api_name="scoring_runs", show_progress="hidden")
         next_results.click(app.to_results, list_inputs, [steps, results, *lists], api_name="go_results")
     return demo
 

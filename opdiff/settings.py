@@ -65,6 +65,9 @@ class Setting:
     """No default: the user must give it."""
     cli: bool = True
     """Offered on the command line (False: set only from code or the GUI)."""
+    picks: str = ""
+    """For a path: what a GUI offers to pick it from, besides typing it. "run": the finished runs of its output
+    folder whose file is a plain LoRA."""
     absent: Any = None
     """What a saved config written before this setting existed meant by leaving it out, when that differs from
     `default` (a new default must not change how an old run resumes); None: the default."""

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from pipelines import jobs, presets
 from pipelines.model import load_pipeline
+from pipelines.rundir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_UPLOAD_MB = 1
@@ -670,3 +671,19 @@ def test_optional_number_boxes_show_empty_and_an_empty_box_means_the_default():
     assert app._emptied(*[7] * len(optional)) == [{"__type__": "update"}] * len(optional)
     assert app._zero_is_empty(0, 5, None) == [{"__type__": "update", "value": None}, {"__type__": "update"},
                                               {"__type__": "update", "value": None}]
+
+
+def test_mpop_picks_a_finished_lora_run_to_score_and_trains_from_it(client, run, server):
+    """The scoring-LoRA field offers the finished plain-LoRA runs (lora-over.txt Alg. 2: score a trained LoRA,
+    then train the chosen structure from the base); the run it starts chooses its layers before step 1."""
+    app = load_app()
+    (picker,) = app.App(server.out).scoring_runs()
+    assert (f"{run.name} (lora, {TRAIN_STEPS} steps)", str(run)) in picker["choices"]
+    widget = app._widget(next(s for s in app.form_settings() if s.picks == "run"))
+    assert isinstance(widget, app.gr.Dropdown) and widget.allow_custom_value  # any LoRA file may be typed too
+    job = client.predict(data="Shapes", method="lora-over-mpop", select_from=str(run), max_steps=2, lr=1e-2,
+                         api_name="/start_training")[3]
+    job = wait_until_ended(client)
+    assert job["state"] == "finished" and job["method"] == "lora-over-mpop", job
+    events = RunDir(server.out / job["run"]).read_events()
+    assert events and {e["step"] for e in events} == {0}

@@ -395,7 +395,7 @@ SELECT_FROM = Setting(
     "select_from", Path | None, None, "A trained LoRA (a finished lora run's folder or its lora.safetensors, same "
     "layers and rank) whose layers are scored to choose the structure before the first step.", optional=True,
     none_means="score a plain LoRA trained for the first select_warmup_steps steps of this run",
-    ref="lora-over.txt Alg. 2 lines 4-5: LoRA trained to convergence, then Eq. 7", label="scoring LoRA")
+    ref="lora-over.txt Alg. 2 lines 4-5: LoRA trained to convergence, then Eq. 7", label="scoring LoRA", picks="run")
 SELECT_RESTART = Setting(
     "select_restart", bool, True, "After scoring, train the chosen structure from the base model again with a "
     "fresh adapter (the paper). Off: keep training the scored LoRA, its chosen layers given cores in place.",
