@@ -287,13 +287,13 @@ class App:
         every = [(f"{r.name} ({r.method}, {r.state})", r.name) for r in runs]
         return every, [(f"{r.name} ({r.method}, {r.steps} steps)", r.name) for r in runs if r.exported]
 
-    def scoring_runs(self) -> list:
-        """Updates for the form's run pickers (`Setting.picks == "run"`): the finished runs whose file is a plain
-        LoRA (not DoRA), by folder, newest first."""
+    def scoring_runs(self) -> dict:
+        """The update of a run picker of the form (`Setting.picks == "run"`): the finished runs whose file is a
+        plain LoRA (not DoRA), by folder, newest first."""
         runs = [r for r in jobs.list_runs(self.output_dir, self.jobs.training_dir())
                 if r.state == "finished" and r.method in METHODS and not METHODS[r.method].use_dora]
         choices = [(f"{r.path.name} ({r.method}, {r.steps} steps)", str(r.path)) for r in runs]
-        return [gr.update(choices=choices) for _ in _run_pickers()]
+        return gr.update(choices=choices)
 
     def refresh(self, dataset: str | None = None, compare_runs: list[str] | None = None,
                 eval_runs: list[str] | None = None, export_run: str | None = None,
@@ -1107,9 +1107,10 @@ def build_app(output_dir: Path, max_upload_bytes: int) -> gr.Blocks:
         demo.load(app.clip_status, outputs=[clip_note, clip], api_name="clip_status_on_load")
         for tab in (dataset_tab, train_tab, results_tab):  # sub-tabs share the lists of their step
             tab.select(app.refresh, list_inputs, lists, api_name=f"refresh_{tab.id}")
-        run_pickers = [form[s.name] for s in _run_pickers()]
-        demo.load(app.scoring_runs, outputs=run_pickers, api_name="scoring_runs_on_load", show_progress="hidden")
-        train_tab.select(app.scoring_runs, outputs=run_pickers, api_name="scoring_runs", show_progress="hidden")
+        for s in _run_pickers():
+            demo.load(app.scoring_runs, outputs=form[s.name], api_name=f"{s.name}_runs_on_load",
+                      show_progress="hidden")
+            train_tab.select(app.scoring_runs, outputs=form[s.name], api_name=f"{s.name}_runs", show_progress="hidden")
         next_results.click(app.to_results, list_inputs, [steps, results, *lists], api_name="go_results")
     return demo
 

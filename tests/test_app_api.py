@@ -677,7 +677,7 @@ def test_mpop_picks_a_finished_lora_run_to_score_and_trains_from_it(client, run,
     """The scoring-LoRA field offers the finished plain-LoRA runs (lora-over.txt Alg. 2: score a trained LoRA,
     then train the chosen structure from the base); the run it starts chooses its layers before step 1."""
     app = load_app()
-    (picker,) = app.App(server.out).scoring_runs()
+    picker = app.App(server.out).scoring_runs()
     assert (f"{run.name} (lora, {TRAIN_STEPS} steps)", str(run)) in picker["choices"]
     widget = app._widget(next(s for s in app.form_settings() if s.picks == "run"))
     assert isinstance(widget, app.gr.Dropdown) and widget.allow_custom_value  # any LoRA file may be typed too

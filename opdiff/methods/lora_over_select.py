@@ -369,9 +369,8 @@ SELECT_TOP_N = Setting(
 SELECT_GROUPS = Setting(
     "select_groups", str, BY_MODULE, "How layers are grouped for ranking: importance is only compared within a "
     "group.", choices=(BY_MODULE, BY_SUFFIX),
-    choice_help=("module kind x self- or cross-attention x shape; one score per layer, A and B chosen together "
-                 "(the paper)",
-                 "module kind x A or B, each matrix scored alone (opdiff's first selection)"),
+    choice_help=("by kind, self/cross attention and shape; a layer's A and B together (the paper)",
+                 "by kind and matrix: each A or B alone (opdiff's first selection)"),
     ref="lora-over.txt Sec. 4.3: module-specific groups", label="groups", absent=BY_SUFFIX)
 SELECT_SPLIT = Setting(
     "select_split", int, 8, "In how many rounds the runtime selection picks its layers: each round adds "
@@ -383,8 +382,8 @@ SELECT_EVERY = Setting(
 SELECT_ACCUMULATE = Setting(
     "select_accumulate", str, "run", "Over which steps the runtime selection adds up each layer's importance.",
     choices=("run", "round"),
-    choice_help=("every step since the start of the run (the paper)",
-                 "only the steps since the last round (opdiff's first selection)"),
+    choice_help=("every step since the start (the paper)",
+                 "the steps since the last round (opdiff's first selection)"),
     ref="lora-over.txt Sec. 4.3: accumulated throughout the fine-tuning process", label="importance over",
     absent="round")
 SELECT_WARMUP_STEPS = Setting(
