@@ -107,6 +107,7 @@ class Selector(nn.Module):
         self.strategy, self.config = strategy, config
         self.units = make_units(layers, config.select_groups)
         self.groups = [u.group for u in self.units]
+        self.layer_names = [a.name for a in layers]
         n = len(self.units)
         self.register_buffer("scores", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("chosen_step", torch.full((n,), -1, dtype=torch.long))
@@ -162,7 +163,7 @@ class Selector(nn.Module):
         source = self.config.select_from
         if self.strategy != "predefined" or source is None or self.done():
             return []
-        trained = read_trained_lora(Path(source), self.units, model, self.config)
+        trained = read_trained_lora(Path(source), self.layer_names, model, self.config)
         fresh = {}
         with torch.no_grad():
             for name, (a, b) in trained.items():
@@ -228,7 +229,7 @@ class Selector(nn.Module):
         """Start the adapter from the base again: B = 0, a fresh A as PEFT draws it (kaiming-uniform with a = sqrt 5,
         i.e. U(-1/sqrt(d_in), 1/sqrt(d_in))), and no optimizer state (Alg. 2 line 8 trains anew)."""
         seed = int(self.restart_seed)
-        for i, name in enumerate(dict.fromkeys(u.layer for u in self.units)):
+        for i, name in enumerate(self.layer_names):
             layer = model.get_submodule(name)
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             bound = 1 / math.sqrt(a.shape[1])
@@ -272,7 +273,7 @@ class Selector(nn.Module):
                         to_mpo(linear, self.config.mpo_cores, model.opdiff, self.config.mpo_gauge)
 
 
-def read_trained_lora(path: Path, units: list[Unit], model: nn.Module, config: AdapterConfig
+def read_trained_lora(path: Path, layer_names: list[str], model: nn.Module, config: AdapterConfig
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Return {layer: (A, B)} of the trained LoRA at `path`, B scaled so that this adapter's s B A equals the file's.
 
@@ -300,7 +301,7 @@ def read_trained_lora(path: Path, units: list[Unit], model: nn.Module, config: A
         raise ValueError(f"select_from: {file} is a DoRA; Eq. 7 scores a plain LoRA (train one with --method lora)")
     file_alpha = _file_alpha(metadata)
     out = {}
-    for name in dict.fromkeys(u.layer for u in units):
+    for name in layer_names:
         layer = model.get_submodule(name)
         scale = layer.scaling["default"]
         pair = []
